@@ -1,0 +1,3 @@
+from phash_trio.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,288 @@
+"""Settings from the environment (and an optional ``.env``), validated once at start-up.
+
+Names and defaults follow skywatch-phash-rs so an existing ``.env`` keeps working; ours are
+added beside them (DESIGN §4). A bad value raises :class:`ConfigError` whose message is one line
+naming the variable: the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from dotenv import dotenv_values
+
+__all__ = ["ConfigError", "Settings", "load_settings"]
+
+DEFAULT_JETSTREAM_URL = "wss://jetstream1.us-east.bsky.network/subscribe"
+DEFAULT_JETSTREAM_FALLBACK_URLS = (
+    "wss://jetstream2.us-east.bsky.network/subscribe",
+    "wss://jetstream1.us-west.bsky.network/subscribe",
+    "wss://jetstream2.us-west.bsky.network/subscribe",
+    "wss://jetstream.fire.hose.cam/subscribe",
+    "wss://jetstream2.fr.hose.cam/subscribe",
+)
+
+_DID_RE = re.compile(r"^did:(plc:[a-z2-7]{24}|web:[a-zA-Z0-9.\-]+(%3[aA]\d+)?)$")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; ``str()`` is one line naming the variable."""
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    # Ozone credentials and target; all empty means dry-run.
+    automod_handle: str = ""
+    automod_password: str = attrs.field(default="", repr=False)
+    labeler_did: str = ""
+    ozone_url: str = ""
+    ozone_pds: str = ""
+
+    jetstream_url: str = DEFAULT_JETSTREAM_URL
+    jetstream_fallback_urls: tuple[str, ...] = DEFAULT_JETSTREAM_FALLBACK_URLS
+    redis_url: str = "redis://localhost:6379"
+    plc_endpoint: str = "https://plc.directory"
+    pds_endpoint: str = "https://bsky.social"
+    cdn_url: str = "https://cdn.bsky.app"
+
+    processing_concurrency: int = 10
+    retry_attempts: int = 3
+    retry_delay_ms: int = 1000
+    cache_enabled: bool = True
+    cache_ttl_seconds: int = 86400
+    phash_hamming_threshold: int = 3
+    rate_limit_ms: int = 100
+    redis_health_check_interval_secs: float = 30.0
+    redis_max_backoff_secs: float = 10.0
+    blob_download_timeout_secs: float = 10.0
+    blob_total_timeout_secs: float = 30.0
+
+    rules_file: Path = Path("rules/blobs.json")
+    state_dir: Path = Path("state")
+    #: Defaults to ``{state_dir}/cursor`` when not set.
+    cursor_file: Path = Path("state/cursor")
+    cursor_update_interval_ms: int = 5000
+    channel_size: int = 1000
+    shutdown_grace_secs: float = 20.0
+    dry_run: bool = False
+    metrics_addr: str = "127.0.0.1:9464"
+    log_format: str = "text"
+    log_level: str = "INFO"
+    #: Refuse PDS hosts on private/loopback addresses unless this is true (tests, demo).
+    allow_private_networks: bool = False
+    #: How long a job held up only by an open circuit breaker may wait before it fails.
+    breaker_wait_max_secs: float = 900.0
+    #: Per-rule daily action cap used when a rule has no ``maxActionsPerDay``.
+    max_actions_per_day: int = 1000
+    #: Threads hashing images at once; 0 means one per core.
+    hash_threads: int = 0
+    #: Largest accepted image blob in bytes (the AT Protocol limit for images is 2 MB).
+    max_blob_bytes: int = 2_000_000
+    #: Largest accepted decoded image in pixels (decompression bombs).
+    max_image_pixels: int = 50_000_000
+
+    @property
+    def has_credentials(self) -> bool:
+        """True when every Ozone credential is present."""
+        return bool(self.automod_handle and self.automod_password and self.ozone_pds)
+
+    @property
+    def effective_dry_run(self) -> bool:
+        """Dry-run when asked for, or when there is nothing to log in with."""
+        return self.dry_run or not self.has_credentials
+
+    @property
+    def session_file(self) -> Path:
+        return self.state_dir / "session.json"
+
+    @property
+    def effective_hash_threads(self) -> int:
+        return self.hash_threads or (os.cpu_count() or 1)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_int(raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def _parse_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _parse_urls(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _parse_str(raw: str) -> str:
+    return raw.strip()
+
+
+def _parse_path(raw: str) -> Path:
+    if not raw.strip():
+        raise ValueError("expected a path")
+    return Path(raw.strip())
+
+
+# variable -> (field, parser, minimum for numbers)
+_SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
+    "AUTOMOD_HANDLE": ("automod_handle", _parse_str, None),
+    "AUTOMOD_PASSWORD": ("automod_password", _parse_str, None),
+    "LABELER_DID": ("labeler_did", _parse_str, None),
+    "OZONE_URL": ("ozone_url", _parse_str, None),
+    "OZONE_PDS": ("ozone_pds", _parse_str, None),
+    "JETSTREAM_URL": ("jetstream_url", _parse_str, None),
+    "JETSTREAM_FALLBACK_URLS": ("jetstream_fallback_urls", _parse_urls, None),
+    "REDIS_URL": ("redis_url", _parse_str, None),
+    "PLC_ENDPOINT": ("plc_endpoint", _parse_str, None),
+    "PDS_ENDPOINT": ("pds_endpoint", _parse_str, None),
+    "CDN_URL": ("cdn_url", _parse_str, None),
+    "PROCESSING_CONCURRENCY": ("processing_concurrency", _parse_int, 1),
+    "RETRY_ATTEMPTS": ("retry_attempts", _parse_int, 0),
+    "RETRY_DELAY_MS": ("retry_delay_ms", _parse_int, 0),
+    "CACHE_ENABLED": ("cache_enabled", _parse_bool, None),
+    "CACHE_TTL_SECONDS": ("cache_ttl_seconds", _parse_int, 1),
+    "PHASH_HAMMING_THRESHOLD": ("phash_hamming_threshold", _parse_int, 0),
+    "RATE_LIMIT_MS": ("rate_limit_ms", _parse_int, 0),
+    "REDIS_HEALTH_CHECK_INTERVAL_SECS": ("redis_health_check_interval_secs", _parse_float, 0.01),
+    "REDIS_MAX_BACKOFF_SECS": ("redis_max_backoff_secs", _parse_float, 0.1),
+    "BLOB_DOWNLOAD_TIMEOUT_SECS": ("blob_download_timeout_secs", _parse_float, 0.01),
+    "BLOB_TOTAL_TIMEOUT_SECS": ("blob_total_timeout_secs", _parse_float, 0.01),
+    "RULES_FILE": ("rules_file", _parse_path, None),
+    "STATE_DIR": ("state_dir", _parse_path, None),
+    "CURSOR_FILE": ("cursor_file", _parse_path, None),
+    "CURSOR_UPDATE_INTERVAL_MS": ("cursor_update_interval_ms", _parse_int, 1),
+    "CHANNEL_SIZE": ("channel_size", _parse_int, 1),
+    "SHUTDOWN_GRACE_SECS": ("shutdown_grace_secs", _parse_float, 0),
+    "DRY_RUN": ("dry_run", _parse_bool, None),
+    "METRICS_ADDR": ("metrics_addr", _parse_str, None),
+    "LOG_FORMAT": ("log_format", _parse_str, None),
+    "LOG_LEVEL": ("log_level", _parse_str, None),
+    "ALLOW_PRIVATE_NETWORKS": ("allow_private_networks", _parse_bool, None),
+    "BREAKER_WAIT_MAX_SECS": ("breaker_wait_max_secs", _parse_float, 0),
+    "MAX_ACTIONS_PER_DAY": ("max_actions_per_day", _parse_int, 0),
+    "HASH_THREADS": ("hash_threads", _parse_int, 0),
+    "MAX_BLOB_BYTES": ("max_blob_bytes", _parse_int, 1),
+    "MAX_IMAGE_PIXELS": ("max_image_pixels", _parse_int, 1),
+}
+
+VARIABLES: tuple[str, ...] = tuple(_SPEC)
+
+
+def _check_url(name: str, value: str, schemes: tuple[str, ...]) -> None:
+    if not value:
+        return
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme not in schemes or not rest:
+        raise ConfigError(f"{name}: {value!r} is not a {'/'.join(schemes)} URL")
+
+
+def _check(settings: Settings) -> None:
+    for name in ("JETSTREAM_URL",):
+        _check_url(name, settings.jetstream_url, ("ws", "wss"))
+    for url in settings.jetstream_fallback_urls:
+        _check_url("JETSTREAM_FALLBACK_URLS", url, ("ws", "wss"))
+    for name, value in (
+        ("OZONE_URL", settings.ozone_url),
+        ("OZONE_PDS", settings.ozone_pds),
+        ("PLC_ENDPOINT", settings.plc_endpoint),
+        ("PDS_ENDPOINT", settings.pds_endpoint),
+        ("CDN_URL", settings.cdn_url),
+    ):
+        _check_url(name, value, ("http", "https"))
+    _check_url("REDIS_URL", settings.redis_url, ("redis", "rediss", "unix"))
+    if not settings.jetstream_url:
+        raise ConfigError("JETSTREAM_URL: must not be empty")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT: {settings.log_format!r} is not 'text' or 'json'")
+    if settings.log_level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL: {settings.log_level!r} is not a log level")
+    if settings.metrics_addr:
+        host, sep, port = settings.metrics_addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(
+                f"METRICS_ADDR: {settings.metrics_addr!r} is not HOST:PORT (empty disables it)"
+            )
+    if settings.labeler_did and not _DID_RE.match(settings.labeler_did):
+        raise ConfigError(f"LABELER_DID: {settings.labeler_did!r} is not a did:plc or did:web")
+    creds = {
+        "AUTOMOD_HANDLE": settings.automod_handle,
+        "AUTOMOD_PASSWORD": settings.automod_password,
+        "OZONE_PDS": settings.ozone_pds,
+    }
+    if any(creds.values()) and not settings.dry_run:
+        for name, value in creds.items():
+            if not value:
+                raise ConfigError(f"{name}: missing (needed with the other Ozone credentials)")
+        if not settings.labeler_did:
+            raise ConfigError("LABELER_DID: missing (needed to send events to Ozone)")
+
+
+def read_environment(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> dict[str, str]:
+    """Merge ``.env`` (if present) under the real environment, which wins."""
+    merged: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        for key, value in dotenv_values(env_file).items():
+            if value is not None:
+                merged[key] = value
+    merged.update(os.environ if environ is None else environ)
+    return merged
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: Path | None = Path(".env")
+) -> Settings:
+    """Build :class:`Settings`; raise :class:`ConfigError` on the first bad variable."""
+    env = read_environment(environ, env_file)
+    values: dict[str, Any] = {}
+    for name, (field, parse, minimum) in _SPEC.items():
+        raw = env.get(name)
+        if raw is None:
+            continue
+        if raw.strip() == "" and parse is not _parse_str and parse is not _parse_urls:
+            continue  # an empty value means "use the default"
+        try:
+            value = parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {raw!r} is not valid: {exc}") from None
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{name}: {value} is below the minimum {minimum:g}")
+        values[field] = value
+    if "state_dir" not in values and env.get("STATE_DIRECTORY"):
+        # systemd's StateDirectory= exports this; use it when STATE_DIR is not set.
+        values["state_dir"] = Path(env["STATE_DIRECTORY"].split(":")[0])
+    if "cursor_file" not in values:
+        values["cursor_file"] = values.get("state_dir", Path("state")) / "cursor"
+    settings = Settings(**values)
+    _check(settings)
+    return settings
+
