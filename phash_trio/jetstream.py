@@ -1,0 +1,717 @@
+"""Jetstream reader: websocket frames -> :class:`ImageJob` on a bounded channel.
+
+Two halves:
+
+* :func:`parse_event` is pure: one frame in, one :class:`ParsedEvent` out (a job, or the reason
+  the event needs no work), or :class:`MalformedFrame`.
+* :func:`run_reader` owns the connection: it rotates through the configured URLs with
+  exponential backoff, resumes from the newest ``time_us`` it has read, drops the replayed
+  events it already handled, and feeds the channel. A full channel blocks it (backpressure);
+  the idle timer only runs while it waits for the socket, never while it waits for the workers.
+
+Malformed frames are counted and logged, never fatal; one whose ``time_us`` is readable still
+moves the cursor (``tracker.observe``). DIDs are validated only where a job needs them (post
+creates). A post whose image blobs all lack a valid CID is malformed (it cannot be hashed, and
+must be seen); with some valid, the bad ones are counted in ``ParsedEvent.bad_blobs``.
+
+Cursor bookkeeping (DESIGN §2): ``tracker.start_job(time_us)`` is called *before*
+``send.send(job)``. If the reader is cancelled while that send is blocked, the job was not
+delivered and is deliberately left pending in the tracker: the saved cursor then stays at or
+before it, and the next start re-reads it from Jetstream. Calling ``finish_job`` there would let
+the cursor pass a post nobody hashed.
+
+Errors::
+
+    JetstreamError
+    ├── MalformedFrame       a frame that is not a valid Jetstream event (counted and skipped)
+    └── ReaderConfigError    a bad ReaderConfig (also a ValueError)
+
+Gallery embeds follow the ``app.bsky.embed.gallery`` lexicon (``items``: union of ``#image``,
+each ``{"image": blob, "alt", "aspectRatio"}``); items of another ``$type`` are ignored, items
+with no ``$type`` but an ``image`` blob are taken as ``#image``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import ssl
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import attrs
+import trio
+from loguru import logger
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from phash_trio.checkpoint import CursorTracker
+from phash_trio.config import Settings
+from phash_trio.jobs import POST_COLLECTION, BlobRef, ImageJob
+from phash_trio.metrics import Metrics
+
+__all__ = [
+    "EXCERPT_CHARS",
+    "EventIdentity",
+    "JetstreamError",
+    "MalformedFrame",
+    "ParsedEvent",
+    "ReaderConfig",
+    "ReaderConfigError",
+    "ReaderState",
+    "is_valid_cid",
+    "is_valid_did",
+    "parse_event",
+    "run_reader",
+    "subscribe_url",
+]
+
+#: Longest excerpt of a bad frame kept in errors and logs.
+EXCERPT_CHARS = 200
+
+EMBED_IMAGES = "app.bsky.embed.images"
+EMBED_GALLERY = "app.bsky.embed.gallery"
+EMBED_GALLERY_IMAGE = "app.bsky.embed.gallery#image"
+EMBED_RECORD_WITH_MEDIA = "app.bsky.embed.recordWithMedia"
+EMBED_RECORD = "app.bsky.embed.record"
+EMBED_VIDEO = "app.bsky.embed.video"
+EMBED_EXTERNAL = "app.bsky.embed.external"
+
+_CID_V1_RE = re.compile(r"b[a-z2-7]{20,200}")
+_CID_V0_RE = re.compile(r"Qm[1-9A-HJ-NP-Za-km-z]{44}")
+_DID_RE = re.compile(
+    r"did:(?:plc:[a-z2-7]{24}"
+    r"|web:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)*"
+    r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:%3[aA][0-9]{1,5})?)"
+)
+_RKEY_RE = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
+_MAX_TIME_US = 2**63 - 1
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and values
+
+
+class JetstreamError(Exception):
+    """Base of this module's errors."""
+
+
+class MalformedFrame(JetstreamError):
+    """A frame that is not a valid Jetstream event; the reader counts it and moves on."""
+
+    def __init__(self, reason: str, excerpt: str, time_us: int | None = None) -> None:
+        super().__init__(reason, excerpt, time_us)
+        self.reason = reason
+        #: At most :data:`EXCERPT_CHARS` characters of the frame, for the log.
+        self.excerpt = excerpt
+        #: The frame's ``time_us`` when it could be read (the cursor may still pass it).
+        self.time_us = time_us
+
+    def __str__(self) -> str:
+        return f"malformed Jetstream frame ({self.reason}): {self.excerpt!r}"
+
+
+class ReaderConfigError(JetstreamError, ValueError):
+    """A :class:`ReaderConfig` value is unusable."""
+
+
+@attrs.frozen
+class EventIdentity:
+    """What makes an event unique in the stream, used to drop replays after a reconnect."""
+
+    did: str
+    #: The commit's collection, or the event kind (``identity``, ``account``) for the others.
+    collection: str
+    rkey: str
+    operation: str
+    time_us: int
+
+
+@attrs.frozen
+class ParsedEvent:
+    """One Jetstream event: an image job, or the reason it needs no work."""
+
+    time_us: int
+    job: ImageJob | None
+    #: Why there is no job (``delete``, ``identity``, ``no_embed``, ``video``...), else None.
+    skip_reason: str | None
+    identity: EventIdentity
+    #: Image entries dropped because their blob had no valid CID (the others are kept).
+    bad_blobs: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def is_valid_cid(value: object) -> bool:
+    """CIDv1 in lower-case base32 (``b...``) or CIDv0 (``Qm`` + 44 base58 characters)."""
+    return isinstance(value, str) and bool(
+        _CID_V1_RE.fullmatch(value) or _CID_V0_RE.fullmatch(value)
+    )
+
+
+def is_valid_did(value: object) -> bool:
+    """``did:plc:`` + 24 base32 characters, or ``did:web:`` + a host name (optional %3A port)."""
+    return isinstance(value, str) and len(value) <= 2048 and bool(_DID_RE.fullmatch(value))
+
+
+def _excerpt(frame: str | bytes) -> str:
+    if isinstance(frame, bytes):
+        return frame[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
+    return frame[:EXCERPT_CHARS]
+
+
+def _blob_ref(value: object) -> BlobRef | None:
+    """A blob in the current or the legacy shape, or None when it has no valid CID."""
+    if not isinstance(value, Mapping):
+        return None
+    ref = value.get("ref")
+    cid = ref.get("$link") if isinstance(ref, Mapping) else value.get("cid")
+    if not is_valid_cid(cid):
+        return None
+    assert isinstance(cid, str)
+    mime = value.get("mimeType")
+    size = value.get("size")
+    return BlobRef(
+        cid=cid,
+        mime_type=mime if isinstance(mime, str) else None,
+        size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
+    )
+
+
+@attrs.define
+class _Media:
+    """Image blobs found in one embed, or why there are none."""
+
+    blobs: list[BlobRef] = attrs.field(factory=list)
+    bad: int = 0
+    skip_reason: str | None = None
+
+
+def _image_media(embed: Mapping[str, Any], fail: _Fail) -> _Media:
+    """``app.bsky.embed.images`` and ``app.bsky.embed.gallery`` embeds."""
+    media = _Media()
+    if embed["$type"] == EMBED_IMAGES:
+        entries = embed.get("images")
+        if not isinstance(entries, list):
+            raise fail("app.bsky.embed.images without an images list")
+        for entry in entries:
+            blob = _blob_ref(entry.get("image")) if isinstance(entry, Mapping) else None
+            if blob is None:
+                media.bad += 1
+            else:
+                media.blobs.append(blob)
+    else:
+        entries = embed.get("items")
+        if not isinstance(entries, list):
+            raise fail("app.bsky.embed.gallery without an items list")
+        for entry in entries:
+            if not isinstance(entry, Mapping):
+                media.bad += 1
+                continue
+            kind = entry.get("$type", EMBED_GALLERY_IMAGE)
+            if kind not in (EMBED_GALLERY_IMAGE, "#image"):
+                continue  # another kind of gallery item (none defined yet): not an image
+            blob = _blob_ref(entry.get("image"))
+            if blob is None:
+                media.bad += 1
+            else:
+                media.blobs.append(blob)
+    if not media.blobs and not media.bad:
+        media.skip_reason = "no_images"
+    return media
+
+
+def _embed_media(embed: object, fail: _Fail) -> _Media:
+    if embed is None:
+        return _Media(skip_reason="no_embed")
+    if not isinstance(embed, Mapping):
+        raise fail("record.embed is not an object")
+    kind = embed.get("$type")
+    if not isinstance(kind, str):
+        raise fail("record.embed has no $type")
+    if kind in (EMBED_IMAGES, EMBED_GALLERY):
+        return _image_media(embed, fail)
+    if kind == EMBED_RECORD_WITH_MEDIA:
+        media = embed.get("media")
+        if not isinstance(media, Mapping) or not isinstance(media.get("$type"), str):
+            raise fail("recordWithMedia without a typed media object")
+        if media["$type"] == EMBED_RECORD_WITH_MEDIA:
+            raise fail("recordWithMedia nested in recordWithMedia")
+        return _embed_media(media, fail)
+    if kind == EMBED_RECORD:
+        return _Media(skip_reason="record_only")
+    if kind == EMBED_VIDEO:
+        return _Media(skip_reason="video")
+    if kind == EMBED_EXTERNAL:
+        return _Media(skip_reason="external")
+    return _Media(skip_reason="other_embed")
+
+
+@attrs.define
+class _Fail:
+    """Builds :class:`MalformedFrame` for one frame, carrying its excerpt and time_us."""
+
+    frame: str | bytes
+    time_us: int | None = None
+
+    def __call__(self, reason: str) -> MalformedFrame:
+        return MalformedFrame(reason, _excerpt(self.frame), self.time_us)
+
+
+def _string(data: Mapping[str, Any], key: str, where: str, fail: _Fail) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value:
+        raise fail(f"{where}{key} is missing or not a string")
+    return value
+
+
+def parse_event(frame: str | bytes) -> ParsedEvent:
+    """Turn one Jetstream frame into a job or a skip reason; raise :class:`MalformedFrame`.
+
+    Only commits that create an ``app.bsky.feed.post`` with image embeds become jobs.
+    Image entries whose blob has no valid CID are dropped and counted in ``bad_blobs``; a post
+    whose image entries are all bad is malformed (it cannot be hashed, and must be seen).
+    """
+    fail = _Fail(frame)
+    try:
+        text = frame.decode("utf-8") if isinstance(frame, bytes) else frame
+        data = json.loads(text)
+    except UnicodeDecodeError:
+        raise fail("not UTF-8") from None
+    except RecursionError:
+        raise fail("JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and over-long integer literals
+        raise fail(f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise fail("not a JSON object")
+
+    time_us = data.get("time_us")
+    if not isinstance(time_us, int) or isinstance(time_us, bool):
+        raise fail("time_us is missing or not an integer")
+    if not 0 < time_us <= _MAX_TIME_US:
+        raise fail("time_us is out of range")
+    fail.time_us = time_us
+
+    did = data.get("did")
+    did = did if isinstance(did, str) else ""
+    kind = data.get("kind")
+    if not isinstance(kind, str):
+        raise fail("kind is missing or not a string")
+
+    if kind != "commit":
+        reason = kind if kind in ("identity", "account") else "other_kind"
+        return ParsedEvent(time_us, None, reason, EventIdentity(did, kind, "", "", time_us))
+
+    commit = data.get("commit")
+    if not isinstance(commit, dict):
+        raise fail("commit is missing or not an object")
+    operation = _string(commit, "operation", "commit.", fail)
+    collection = _string(commit, "collection", "commit.", fail)
+    rkey = commit.get("rkey")
+    identity = EventIdentity(
+        did, collection, rkey if isinstance(rkey, str) else "", operation, time_us
+    )
+    if operation != "create":
+        reason = operation if operation in ("delete", "update") else "other_operation"
+        return ParsedEvent(time_us, None, reason, identity)
+    if collection != POST_COLLECTION:
+        return ParsedEvent(time_us, None, "other_collection", identity)
+
+    # A post was created: everything a job needs must be present and well-formed.
+    if not is_valid_did(did):
+        raise fail("did is missing or not a valid DID")
+    rkey = _string(commit, "rkey", "commit.", fail)
+    if not _RKEY_RE.fullmatch(rkey) or rkey in (".", ".."):
+        raise fail("commit.rkey is not a valid record key")
+    cid = _string(commit, "cid", "commit.", fail)
+    if not is_valid_cid(cid):
+        raise fail("commit.cid is not a valid CID")
+    record = commit.get("record")
+    if not isinstance(record, dict):
+        raise fail("commit.record is missing or not an object")
+
+    media = _embed_media(record.get("embed"), fail)
+    if media.skip_reason is not None:
+        return ParsedEvent(time_us, None, media.skip_reason, identity)
+    if not media.blobs:
+        raise fail(f"none of the {media.bad} image blobs has a valid CID")
+    unique: dict[str, BlobRef] = {}
+    for blob in media.blobs:
+        unique.setdefault(blob.cid, blob)  # the same image twice is hashed once
+    job = ImageJob(did=did, rkey=rkey, cid=cid, time_us=time_us, blobs=tuple(unique.values()))
+    return ParsedEvent(time_us, job, None, identity, bad_blobs=media.bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Reader
+
+
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise ReaderConfigError(f"expected a list of strings, got the string {values!r}")
+    return tuple(values)
+
+
+def _check_urls(_instance: object, _attribute: object, urls: tuple[str, ...]) -> None:
+    if not urls:
+        raise ReaderConfigError("ReaderConfig.urls is empty: give at least one Jetstream URL")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ReaderConfigError(f"Jetstream URL {url!r} is not a ws:// or wss:// URL")
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ReaderConfigError(f"ReaderConfig.{attribute.name} must be > 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ReaderConfig:
+    """How the reader connects: URLs in rotation order, backoff and timeouts in seconds."""
+
+    #: Primary first, then fallbacks; the reader moves to the next one after each failure.
+    urls: tuple[str, ...] = attrs.field(converter=_strings, validator=_check_urls)
+    backoff_initial: float = attrs.field(default=5.0, validator=_positive)
+    backoff_max: float = attrs.field(default=300.0, validator=_positive)
+    #: A connection that stayed up this long resets the backoff.
+    healthy_after: float = attrs.field(default=60.0, validator=_positive)
+    #: No message for this long (while waiting on the socket) means the connection is dead.
+    idle_timeout: float = attrs.field(default=120.0, validator=_positive)
+    #: Largest frame accepted (trio-websocket's default, 1 MiB, is too small for Jetstream).
+    max_message_size: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Bound on the closing handshake, so a dead server cannot hold a reconnect.
+    close_timeout: float = attrs.field(default=5.0, validator=_positive)
+    wanted_collections: tuple[str, ...] = attrs.field(
+        default=(POST_COLLECTION,), converter=_strings
+    )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReaderConfig:
+        """``JETSTREAM_URL`` first, then ``JETSTREAM_FALLBACK_URLS`` (duplicates dropped)."""
+        urls = dict.fromkeys((settings.jetstream_url, *settings.jetstream_fallback_urls))
+        return cls(urls=tuple(u for u in urls if u))
+
+
+@attrs.define
+class ReaderState:
+    """Live reader status, read by the health endpoint."""
+
+    connected: bool = False
+    #: ``trio.current_time()`` of the last frame read, None before the first one.
+    last_message_at: float | None = None
+    #: The URL of the current (or last) connection.
+    url: str | None = None
+    #: Connections opened so far.
+    connections: int = 0
+    #: Newest ``time_us`` read: where a reconnect resumes.
+    newest_time_us: int | None = None
+
+
+def subscribe_url(
+    base: str,
+    *,
+    cursor: int | None,
+    wanted_collections: tuple[str, ...],
+    max_message_size: int,
+) -> str:
+    """``base`` with Jetstream's query parameters added (parameters already there are kept)."""
+    parts = urlsplit(base)
+    ours = {"wantedCollections", "maxMessageSizeBytes", "cursor"}
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ours]
+    query += [("wantedCollections", c) for c in wanted_collections]
+    query.append(("maxMessageSizeBytes", str(max_message_size)))
+    if cursor is not None:
+        query.append(("cursor", str(cursor)))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+@attrs.define
+class _Backoff:
+    """Exponential delays: initial, doubling, capped; reset after a healthy connection."""
+
+    initial: float
+    maximum: float
+    _next: float | None = None
+
+    def next_delay(self) -> float:
+        delay = self.initial if self._next is None else self._next
+        self._next = min(delay * 2, self.maximum)
+        return min(delay, self.maximum)
+
+    def reset(self) -> None:
+        self._next = None
+
+
+@attrs.define
+class _ReplayFilter:
+    """Remembers the newest event read, to drop what a resumed connection re-sends."""
+
+    newest: int | None = None
+    _seen_at_newest: set[EventIdentity] = attrs.field(factory=set)
+    _horizon: int | None = None
+    _seen_at_horizon: frozenset[EventIdentity] = frozenset()
+
+    def reconnecting(self) -> None:
+        """Everything up to the newest event was handled; a replay of it is a duplicate."""
+        self._horizon = self.newest
+        self._seen_at_horizon = frozenset(self._seen_at_newest)
+
+    def admit(self, event: ParsedEvent) -> bool:
+        """False for an event a previous connection already delivered."""
+        if self._horizon is not None and (
+            event.time_us < self._horizon
+            or (event.time_us == self._horizon and event.identity in self._seen_at_horizon)
+        ):
+            return False
+        if self.newest is None or event.time_us > self.newest:
+            self.newest = event.time_us
+            self._seen_at_newest = {event.identity}
+        elif event.time_us == self.newest:
+            self._seen_at_newest.add(event.identity)
+        return True
+
+
+class _ConnectionLost(Exception):
+    """A connect, handshake or idle timeout; ``str()`` is the reason logged."""
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one real error of a connection's nursery (Cancelled siblings dropped), or the group."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else group
+
+
+class _NoReceivers(Exception):
+    """Every worker closed its end of the channel: nobody is left to feed."""
+
+
+def _describe(exc: BaseException) -> str:
+    """One short line for the reconnect log."""
+    if isinstance(exc, ConnectionRejected):
+        return f"handshake rejected with HTTP {exc.status_code}"
+    if isinstance(exc, ConnectionClosed):
+        if exc.reason is None:
+            return "connection closed"
+        detail = f": {exc.reason.reason}" if exc.reason.reason else ""
+        return f"closed with {exc.reason.code} {exc.reason.name}{detail}"
+    if isinstance(exc, HandshakeError) and exc.__cause__ is not None:
+        return f"{type(exc).__name__}: {exc.__cause__}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+@attrs.define
+class _Reader:
+    config: ReaderConfig
+    send: trio.MemorySendChannel[ImageJob]
+    tracker: CursorTracker
+    metrics: Metrics
+    state: ReaderState
+    start_cursor: int | None
+    replay: _ReplayFilter = attrs.field(factory=_ReplayFilter)
+    _connected_at: float | None = None
+    _started: bool = False
+    _ssl: ssl.SSLContext | None = None
+
+    async def run(self, task_status: trio.TaskStatus[ReaderState]) -> None:
+        config = self.config
+        backoff = _Backoff(config.backoff_initial, config.backoff_max)
+        index = 0
+        while True:
+            base = config.urls[index]
+            self._connected_at = None
+            try:
+                await self._session(base, task_status)
+            except (HandshakeError, ConnectionClosed, OSError, trio.BrokenResourceError) as exc:
+                reason = _describe(exc)
+            except _ConnectionLost as exc:
+                reason = str(exc)
+            except _NoReceivers:
+                logger.warning("jetstream reader stops: every worker closed the job channel")
+                return
+            now = trio.current_time()
+            up = None if self._connected_at is None else now - self._connected_at
+            if up is not None and up >= config.healthy_after:
+                backoff.reset()
+            delay = backoff.next_delay()
+            index = (index + 1) % len(config.urls)
+            self.metrics.jetstream_reconnects.inc()
+            self.replay.reconnecting()
+            logger.warning(
+                "jetstream {} lost ({}{}); trying {} in {:g} s",
+                base,
+                reason,
+                "" if up is None else f" after {up:.0f} s up",
+                config.urls[index],
+                delay,
+            )
+            await trio.sleep(delay)
+
+    async def _session(self, base: str, task_status: trio.TaskStatus[ReaderState]) -> None:
+        """One connection, from TCP connect to its end (always an exception).
+
+        trio-websocket's ``open_websocket_url`` leaves the socket open when the server rejects
+        the handshake or closes first; we own the stream here and always close it.
+        """
+        config = self.config
+        cursor = self.replay.newest if self.replay.newest is not None else self.start_cursor
+        url = subscribe_url(
+            base,
+            cursor=cursor,
+            wanted_collections=config.wanted_collections,
+            max_message_size=config.max_message_size,
+        )
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        host_header = host if port in (80, 443) else f"{host}:{port}"
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        deadline = trio.current_time() + config.connect_timeout
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] | None = None
+        with trio.move_on_at(deadline):
+            if secure:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    host, port, ssl_context=self._ssl_context(), https_compatible=True
+                )
+            else:
+                stream = await trio.open_tcp_stream(host, port)
+        if stream is None:
+            raise _ConnectionLost(f"connect timed out after {config.connect_timeout:g} s")
+        try:
+            async with trio.open_nursery() as nursery:
+                ws: WebSocketConnection | None = None
+                with trio.move_on_at(deadline):
+                    ws = await wrap_client_stream(
+                        nursery,
+                        stream,
+                        host_header,
+                        resource,
+                        max_message_size=config.max_message_size,
+                        receive_buffer_size=64 * 1024,
+                    )
+                if ws is None:
+                    raise _ConnectionLost(f"handshake timed out after {config.connect_timeout:g} s")
+                self._connected_at = trio.current_time()
+                self._set_connected(True, base)
+                logger.info("jetstream connected to {} (cursor {})", base, cursor)
+                if not self._started:
+                    self._started = True
+                    task_status.started(self.state)
+                try:
+                    await self._pump(ws)
+                except Exception:
+                    with trio.move_on_after(config.close_timeout):
+                        await ws.aclose()  # polite close; a no-op if the server closed first
+                    raise
+                finally:
+                    self._set_connected(False, base)
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def _set_connected(self, connected: bool, url: str) -> None:
+        self.state.connected = connected
+        self.state.url = url
+        if connected:
+            self.state.connections += 1
+        self.metrics.jetstream_connected.set(1 if connected else 0)
+
+    async def _pump(self, ws: WebSocketConnection) -> None:
+        """Read frames until the connection fails; the idle timer runs only on the socket."""
+        idle_timeout = self.config.idle_timeout
+        while True:
+            with trio.move_on_after(idle_timeout) as waiting:
+                frame = await ws.get_message()
+            if waiting.cancelled_caught:
+                raise _ConnectionLost(f"no message for {idle_timeout:g} s")
+            read_at = self.state.last_message_at = trio.current_time()
+            await self._handle(frame, read_at)
+
+    async def _handle(self, frame: str | bytes, read_at: float) -> None:
+        metrics, tracker = self.metrics, self.tracker
+        metrics.events_received.inc()
+        try:
+            event = parse_event(frame)
+        except MalformedFrame as exc:
+            metrics.frames_malformed.inc()
+            logger.warning("skipping {}", exc)
+            if exc.time_us is not None:
+                tracker.observe(exc.time_us)
+            return
+        if not self.replay.admit(event):
+            metrics.events_skipped.labels("replayed").inc()
+            tracker.observe(event.time_us)
+            return
+        self.state.newest_time_us = self.replay.newest
+        if event.job is None:
+            metrics.events_skipped.labels(event.skip_reason or "other").inc()
+            tracker.observe(event.time_us)
+            return
+        if event.bad_blobs:
+            logger.warning(
+                "post {} has {} image blob(s) without a valid CID; hashing the other {}",
+                event.job.uri,
+                event.bad_blobs,
+                len(event.job.blobs),
+            )
+        # Pending before the send: if the send is cancelled the job stays pending, so the
+        # saved cursor cannot pass it (see the module docstring).
+        job = attrs.evolve(event.job, read_at=read_at)
+        tracker.start_job(job.time_us)
+        try:
+            await self.send.send(job)
+        except trio.BrokenResourceError:
+            raise _NoReceivers from None
+        metrics.jobs_received.inc()
+
+
+async def run_reader(
+    config: ReaderConfig,
+    send: trio.MemorySendChannel[ImageJob],
+    tracker: CursorTracker,
+    metrics: Metrics,
+    *,
+    start_cursor: int | None,
+    state: ReaderState | None = None,
+    task_status: trio.TaskStatus[ReaderState] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Feed ``send`` with image jobs from Jetstream until cancelled; closes ``send`` at the end.
+
+    ``task_status.started(state)`` fires once the first connection is open; failed attempts
+    before that are retried with backoff, never raised. Resumes from ``start_cursor`` (the saved
+    cursor) and, after a reconnect, from the newest ``time_us`` read. Returns early only if
+    every receiver of the channel is closed.
+    """
+    reader = _Reader(
+        config=config,
+        send=send,
+        tracker=tracker,
+        metrics=metrics,
+        state=state if state is not None else ReaderState(),
+        start_cursor=start_cursor,
+    )
+    async with send:
+        await reader.run(task_status)
