@@ -1,0 +1,411 @@
+"""DID -> PDS resolution, and the checks that run before any URL is built from untrusted input.
+
+DIDs and CIDs come from the firehose and DID documents come from strangers, so both are
+validated before they go into a URL, and a PDS URL found in a document is refused when it points
+into a private network (SSRF) unless ``allow_private_networks`` is set (tests, demo).
+
+Errors::
+
+    IdentityError
+    ├── InvalidDid          malformed DID: nothing was requested
+    ├── DidNotFound         the directory / did:web host says the DID does not exist (404/410)
+    ├── NoPdsInDocument     the document has no usable #atproto_pds service (or is not a document)
+    ├── UnsafePdsUrl        not https, or the host resolves to a private/loopback/... address
+    └── ResolutionFailed    network error, 5xx, 429, timeout, or the PLC breaker is open
+                            (transient: worth retrying later)
+
+Documents are cached for ``ttl`` (1 h); DidNotFound, NoPdsInDocument and an unsafe did:web host
+for ``negative_ttl`` (5 min) so a broken account does not cost a directory request per image.
+The PDS URL itself is checked on every call (DNS may change within the hour).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+from loguru import logger
+
+from phash_trio.breaker import BreakerOpen, CircuitBreaker
+from phash_trio.config import Settings
+from phash_trio.metrics import Metrics
+
+__all__ = [
+    "DidNotFound",
+    "IdentityError",
+    "InvalidDid",
+    "NoPdsInDocument",
+    "PdsResolver",
+    "ResolutionFailed",
+    "UnsafePdsUrl",
+    "check_public_url",
+    "did_web_host",
+    "is_valid_cid",
+    "is_valid_did",
+    "read_capped",
+]
+
+MAX_DID_LENGTH = 2048
+#: DID documents are a few hundred bytes; anything this big is not one.
+MAX_DOCUMENT_BYTES = 64 * 1024
+#: Bound on cached resolutions (oldest entries are dropped first).
+MAX_CACHE_ENTRIES = 100_000
+
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_PLC_RE = re.compile(r"did:plc:[a-z2-7]{24}")
+_WEB_RE = re.compile(rf"did:web:(?P<host>{_LABEL}(?:\.{_LABEL})*)(?:%3[aA](?P<port>[0-9]{{1,5}}))?")
+_CID_V1_RE = re.compile(r"b[a-z2-7]{20,99}")
+_CID_V0_RE = re.compile(r"Qm[1-9A-HJ-NP-Za-km-z]{44}")
+_PDS_SERVICE_TYPE = "AtprotoPersonalDataServer"
+
+
+def is_valid_did(s: object) -> bool:
+    """True for ``did:plc:`` + 24 base32 chars, or ``did:web:host`` (optional ``%3A`` port)."""
+    if not isinstance(s, str) or len(s) > MAX_DID_LENGTH:
+        return False
+    if _PLC_RE.fullmatch(s):
+        return True
+    m = _WEB_RE.fullmatch(s)
+    if m is None:
+        return False
+    port = m.group("port")
+    return port is None or 0 < int(port) <= 65535
+
+
+def is_valid_cid(s: object) -> bool:
+    """True for a base32 CIDv1 (``b…``, at most 100 chars) or a base58btc CIDv0 (``Qm…``)."""
+    return isinstance(s, str) and bool(_CID_V1_RE.fullmatch(s) or _CID_V0_RE.fullmatch(s))
+
+
+def did_web_host(did: str) -> str:
+    """``did:web:example.com%3A8080`` -> ``example.com:8080`` (the DID must be valid)."""
+    m = _WEB_RE.fullmatch(did)
+    if m is None:
+        raise InvalidDid(did, "not a valid did:web")
+    port = m.group("port")
+    return m.group("host").lower() + (f":{port}" if port else "")
+
+
+class IdentityError(Exception):
+    """Base of DID resolution errors; ``.did`` names the DID."""
+
+    def __init__(self, did: str, message: str) -> None:
+        super().__init__(f"{did!r}: {message}")
+        self.did = did
+        self.reason = message
+
+
+class InvalidDid(IdentityError):
+    """The DID is malformed; no request was made."""
+
+
+class DidNotFound(IdentityError):
+    """The directory (or did:web host) says this DID does not exist."""
+
+
+class NoPdsInDocument(IdentityError):
+    """The DID document has no usable ``#atproto_pds`` service."""
+
+
+class UnsafePdsUrl(IdentityError):
+    """A URL taken from untrusted data is not https or points into a private network."""
+
+
+class ResolutionFailed(IdentityError):
+    """Transient failure: network, 5xx, 429, timeout, or the PLC breaker is open."""
+
+    def __init__(
+        self, did: str, message: str, *, breaker_open: bool = False, retry_at: float | None = None
+    ) -> None:
+        super().__init__(did, message)
+        #: True when nothing was requested because the PLC breaker is open.
+        self.breaker_open = breaker_open
+        #: Trio time when the breaker will admit a probe (only with ``breaker_open``).
+        self.retry_at = retry_at
+
+
+class _UnexpectedStatus(ResolutionFailed):
+    """A status other than 200/404/410 (the caller decides what it means for the breaker)."""
+
+    def __init__(self, did: str, message: str, *, status: int) -> None:
+        super().__init__(did, message)
+        self.status = status
+
+
+def _address_is_unsafe(text: str) -> bool:
+    addr = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return (
+        addr.is_private
+        or addr.is_loopback
+        or addr.is_link_local
+        or addr.is_reserved
+        or addr.is_multicast
+        or addr.is_unspecified
+        or not addr.is_global
+    )
+
+
+async def check_public_url(url: str, did: str, *, allow_private_networks: bool = False) -> None:
+    """Raise :class:`UnsafePdsUrl` unless ``url`` is https and every address of its host is public.
+
+    With ``allow_private_networks`` only the URL's shape is checked (http allowed). A host that
+    does not resolve raises :class:`ResolutionFailed` (DNS trouble is usually transient).
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+    except ValueError as exc:
+        raise UnsafePdsUrl(did, f"{url!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("https", "http") or not host:
+        raise UnsafePdsUrl(did, f"{url!r} is not an http(s) URL with a host")
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise UnsafePdsUrl(did, f"{url!r} must not carry credentials, a query or a fragment")
+    if allow_private_networks:
+        return
+    if parts.scheme != "https":
+        raise UnsafePdsUrl(did, f"{url!r} is not https")
+    try:
+        literal: str | None = str(ipaddress.ip_address(host.split("%", 1)[0]))
+    except ValueError:
+        literal = None
+    if literal is not None:
+        addresses = [host]
+    else:
+        try:
+            infos = await trio.socket.getaddrinfo(host, port or 443, type=trio.socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ResolutionFailed(did, f"cannot resolve host of {url!r}: {exc}") from None
+        addresses = [str(info[4][0]) for info in infos]
+        if not addresses:
+            raise ResolutionFailed(did, f"host of {url!r} has no addresses")
+    for address in addresses:
+        if _address_is_unsafe(address):
+            raise UnsafePdsUrl(did, f"{url!r} resolves to non-public address {address}")
+
+
+def _pds_from_document(did: str, doc: Any) -> str:
+    if not isinstance(doc, dict):
+        raise NoPdsInDocument(did, "DID document is not a JSON object")
+    doc_id = doc.get("id")
+    if doc_id is not None and doc_id != did:
+        raise NoPdsInDocument(did, f"DID document is for {doc_id!r}, not this DID")
+    services = doc.get("service")
+    if not isinstance(services, list):
+        raise NoPdsInDocument(did, "DID document has no service list")
+    for service in services:
+        if not isinstance(service, dict):
+            continue
+        sid = service.get("id")
+        if not isinstance(sid, str) or not (sid == "#atproto_pds" or sid.endswith("#atproto_pds")):
+            continue
+        if service.get("type") != _PDS_SERVICE_TYPE:
+            continue
+        endpoint = service.get("serviceEndpoint")
+        if not isinstance(endpoint, str) or not endpoint:
+            raise NoPdsInDocument(did, "#atproto_pds service has no string serviceEndpoint")
+        return endpoint.rstrip("/")
+    raise NoPdsInDocument(did, f"DID document has no #atproto_pds {_PDS_SERVICE_TYPE} service")
+
+
+async def read_capped(
+    response: httpx.Response, limit: int, *, raw: bool = False
+) -> tuple[bytes, bool]:
+    """Read a streamed body; stop and drop the connection as soon as it passes ``limit``.
+
+    Returns ``(body, True)``, or ``(what was read, False)`` when over the limit. ``raw`` skips
+    content decoding. httpx reads through a chain of async generators; abandoning them half-way
+    makes Trio warn when they are collected (encode/httpx#3686), so after closing the response
+    we let the chain run into its (immediate) read error instead of leaving it suspended.
+    """
+    chunks: AsyncIterator[bytes] = response.aiter_raw() if raw else response.aiter_bytes()
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            break
+    else:
+        return bytes(body), True
+    await response.aclose()
+    try:
+        async for _ in chunks:
+            pass
+    except httpx.HTTPError:
+        pass
+    return bytes(body), False
+
+
+class PdsResolver:
+    """Resolve a DID to its PDS base URL, with a cache and a PLC circuit breaker.
+
+    ``did_web_base`` maps a did:web host (``example.com:8080``) to the base URL its document is
+    fetched from; the default is ``https://{host}``. Tests point it at an in-process server (which
+    also needs ``allow_private_networks``).
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        plc_endpoint: str = "https://plc.directory",
+        timeout: float = 10.0,
+        ttl: float = 3600.0,
+        negative_ttl: float = 300.0,
+        allow_private_networks: bool = False,
+        did_web_base: Callable[[str], str] | None = None,
+        plc_breaker: CircuitBreaker | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._client = client
+        self._plc_endpoint = plc_endpoint.rstrip("/")
+        self._timeout = timeout
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._allow_private = allow_private_networks
+        self._did_web_base = did_web_base or (lambda host: f"https://{host}")
+        self.plc_breaker = plc_breaker or CircuitBreaker(
+            "plc",
+            failure_threshold=3,
+            reset_timeout=300.0,
+            on_transition=metrics.on_breaker_transition if metrics else None,
+            on_reject=metrics.on_breaker_reject if metrics else None,
+        )
+        # did -> (expires_at, pds url or the permanent error to raise again)
+        self._cache: dict[str, tuple[float, str | IdentityError]] = {}
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, client: httpx.AsyncClient, metrics: Metrics | None = None
+    ) -> PdsResolver:
+        """PLC endpoint, per-attempt timeout and network policy from the service settings."""
+        return cls(
+            client,
+            plc_endpoint=settings.plc_endpoint,
+            timeout=settings.blob_download_timeout_secs,
+            allow_private_networks=settings.allow_private_networks,
+            metrics=metrics,
+        )
+
+    @property
+    def allow_private_networks(self) -> bool:
+        return self._allow_private
+
+    async def resolve(self, did: str) -> str:
+        """The PDS base URL of ``did`` (no trailing slash).
+
+        The document is cached; :func:`check_public_url` runs on every call, so a host whose DNS
+        changed since is caught, and a DNS failure is not cached.
+        """
+        if not is_valid_did(did):
+            raise InvalidDid(did, "not a valid did:plc or did:web")
+        pds = await self._document_pds(did)
+        await check_public_url(pds, did, allow_private_networks=self._allow_private)
+        return pds
+
+    async def _document_pds(self, did: str) -> str:
+        now = trio.current_time()
+        cached = self._cache.get(did)
+        if cached is not None:
+            expires_at, value = cached
+            if now < expires_at:
+                if isinstance(value, IdentityError):
+                    # A fresh instance: a shared one would collect tracebacks and contexts.
+                    raise type(value)(value.did, value.reason)
+                return value
+            del self._cache[did]
+        try:
+            pds = await self._resolve_uncached(did)
+        except (DidNotFound, NoPdsInDocument, UnsafePdsUrl) as exc:
+            self._remember(did, exc, self._negative_ttl)
+            raise
+        self._remember(did, pds, self._ttl)
+        return pds
+
+    def forget(self, did: str) -> None:
+        """Drop a cached answer (e.g. after the PDS said the repo moved)."""
+        self._cache.pop(did, None)
+
+    def _remember(self, did: str, value: str | IdentityError, ttl: float) -> None:
+        self._cache[did] = (trio.current_time() + ttl, value)
+        while len(self._cache) > MAX_CACHE_ENTRIES:
+            del self._cache[next(iter(self._cache))]
+
+    async def _resolve_uncached(self, did: str) -> str:
+        if did.startswith("did:plc:"):
+            doc = await self._fetch_plc(did)
+        else:
+            url = f"{self._did_web_base(did_web_host(did)).rstrip('/')}/.well-known/did.json"
+            await check_public_url(url, did, allow_private_networks=self._allow_private)
+            doc = await self._fetch_document(did, url)
+        pds = _pds_from_document(did, doc)
+        logger.debug("resolved {} -> {}", did, pds)
+        return pds
+
+    async def _fetch_plc(self, did: str) -> Any:
+        try:
+            self.plc_breaker.before_call()
+        except BreakerOpen as exc:
+            raise ResolutionFailed(
+                did,
+                f"PLC directory {self._plc_endpoint}: {exc}",
+                breaker_open=True,
+                retry_at=exc.retry_at,
+            ) from None
+        outcome = "failure"  # what a cancellation counts as (releases a half-open probe)
+        try:
+            doc = await self._fetch_document(did, f"{self._plc_endpoint}/{did}")
+            outcome = "success"
+            return doc
+        except (DidNotFound, NoPdsInDocument):
+            outcome = "neutral"
+            raise
+        except _UnexpectedStatus as exc:
+            # 5xx, 408 and 429 are the directory's trouble; other answers say nothing about it.
+            unhealthy = exc.status >= 500 or exc.status in (408, 429)
+            outcome = "failure" if unhealthy else "neutral"
+            raise
+        finally:
+            if outcome == "success":
+                self.plc_breaker.record_success()
+            elif outcome == "neutral":
+                self.plc_breaker.record_neutral()
+            else:
+                self.plc_breaker.record_failure()
+
+    async def _fetch_document(self, did: str, url: str) -> Any:
+        """GET one DID document within the per-attempt timeout; map every failure to our errors."""
+        try:
+            with trio.fail_after(self._timeout):
+                async with self._client.stream(
+                    "GET",
+                    url,
+                    headers={"accept": "application/did+ld+json, application/json"},
+                    timeout=httpx.Timeout(self._timeout),
+                    follow_redirects=False,
+                ) as response:
+                    status = response.status_code
+                    if status in (404, 410):
+                        raise DidNotFound(did, f"{url} answered {status}")
+                    if status != 200:
+                        raise _UnexpectedStatus(did, f"{url} answered {status}", status=status)
+                    body, complete = await read_capped(response, MAX_DOCUMENT_BYTES)
+                    if not complete:
+                        raise NoPdsInDocument(
+                            did, f"{url}: document larger than {MAX_DOCUMENT_BYTES} bytes"
+                        )
+        except trio.TooSlowError:
+            raise ResolutionFailed(did, f"{url}: no answer within {self._timeout:g} s") from None
+        except httpx.HTTPError as exc:
+            raise ResolutionFailed(did, f"{url}: {type(exc).__name__}: {exc}") from None
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise NoPdsInDocument(did, f"{url}: document is not JSON") from None
