@@ -1,0 +1,253 @@
+"""Request bodies for ``tools.ozone.moderation.emitEvent``: pure functions, no I/O.
+
+One :class:`ActionKind` per thing the actions layer may do; :func:`build_event` turns a match
+into the exact JSON body Ozone expects (lexicons ``tools.ozone.moderation.emitEvent`` and
+``tools.ozone.moderation.defs``). Every body carries a deterministic ``externalId`` (see
+:func:`externalid`) so Ozone itself refuses a repeat with ``DuplicateExternalId``: a crash
+between "Ozone accepted" and "claim recorded" cannot produce a second label or report.
+
+Errors: :class:`EventError` (a ``ValueError``) names the argument that is wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "MOD_TOOL_NAME",
+    "AccountSubject",
+    "ActionKind",
+    "EventError",
+    "PostSubject",
+    "Subject",
+    "build_event",
+    "comment_text",
+    "externalid",
+    "format_timestamp",
+]
+
+MOD_TOOL_NAME = "phash-trio"
+EXTERNAL_ID_PREFIX = "phash-trio:"
+
+_DEFS = "tools.ozone.moderation.defs"
+REASON_OTHER = "com.atproto.moderation.defs#reasonOther"
+STRONG_REF = "com.atproto.repo.strongRef"
+REPO_REF = "com.atproto.admin.defs#repoRef"
+
+_HEX64_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+class EventError(ValueError):
+    """An argument cannot make a valid emitEvent body; the message names it."""
+
+
+class ActionKind(enum.Enum):
+    """What to do, and to which kind of subject (a post record or the whole account)."""
+
+    LABEL_POST = "label_post"
+    REPORT_POST = "report_post"
+    TAKEDOWN_POST = "takedown_post"
+    #: A moderator note on the post (sent beside a label so the queue shows why).
+    COMMENT_POST = "comment_post"
+    LABEL_ACCOUNT = "label_account"
+    REPORT_ACCOUNT = "report_account"
+    TAKEDOWN_ACCOUNT = "takedown_account"
+    COMMENT_ACCOUNT = "comment_account"
+
+    @property
+    def on_post(self) -> bool:
+        """True when the subject is the post record (strongRef), else the account (repoRef)."""
+        return self.value.endswith("_post")
+
+    @property
+    def verb(self) -> str:
+        """``label``, ``report``, ``takedown`` or ``comment``."""
+        return self.value.rsplit("_", 1)[0]
+
+    @property
+    def event_type(self) -> str:
+        """Short name of the event definition, e.g. ``modEventLabel`` (also a metrics label)."""
+        return _EVENT_TYPES[self.verb]
+
+
+_EVENT_TYPES = {
+    "label": "modEventLabel",
+    "report": "modEventReport",
+    "takedown": "modEventTakedown",
+    "comment": "modEventComment",
+}
+
+
+@attrs.frozen
+class Subject:
+    """Base of the two subject shapes emitEvent accepts."""
+
+    @property
+    def key(self) -> str:
+        """The post URI or the DID: what the subject is, for ids and comments."""
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, str]:
+        raise NotImplementedError
+
+
+@attrs.frozen
+class PostSubject(Subject):
+    """A post record: ``com.atproto.repo.strongRef`` (Ozone needs the CID it judged)."""
+
+    uri: str
+    cid: str
+
+    @property
+    def key(self) -> str:
+        return self.uri
+
+    def to_json(self) -> dict[str, str]:
+        return {"$type": STRONG_REF, "uri": self.uri, "cid": self.cid}
+
+
+@attrs.frozen
+class AccountSubject(Subject):
+    """A whole account: ``com.atproto.admin.defs#repoRef``."""
+
+    did: str
+
+    @property
+    def key(self) -> str:
+        return self.did
+
+    def to_json(self) -> dict[str, str]:
+        return {"$type": REPO_REF, "did": self.did}
+
+
+def externalid(kind: ActionKind, subject: Subject | str, label: str) -> str:
+    """Deterministic ``externalId``: same action, subject and label give the same id.
+
+    ``subject`` is a :class:`Subject` or its key (post URI or DID). The record CID is left out
+    on purpose: the claim keys of skywatch-phash-rs are per URI too.
+    """
+    key = subject.key if isinstance(subject, Subject) else subject
+    digest = hashlib.sha256(f"{kind.value}\x00{key}\x00{label}".encode()).hexdigest()
+    return EXTERNAL_ID_PREFIX + digest[:32]
+
+
+def format_timestamp(now: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and ``Z`` (the AT Protocol datetime style)."""
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise EventError("now: must be a timezone-aware datetime")
+    utc = now.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def comment_text(
+    *,
+    now: datetime,
+    rule_comment: str,
+    phash_hex: str,
+    matched_hex: str,
+    distance: int,
+    subject_key: str,
+) -> str:
+    """The moderator-facing comment, in skywatch-phash-rs's shape."""
+    return (
+        f"{format_timestamp(now)}: {rule_comment} - phash {phash_hex} matched {matched_hex} "
+        f"(distance {distance}) on {subject_key}"
+    )
+
+
+def _require(name: str, value: str | None) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise EventError(f"{name}: required and must be a non-empty string")
+    return value
+
+
+def _check_hex(name: str, value: str) -> None:
+    if not isinstance(value, str) or not _HEX64_RE.match(value):
+        raise EventError(f"{name}: {value!r} is not 16 lowercase hex digits")
+
+
+def build_event(
+    kind: ActionKind,
+    *,
+    post_uri: str | None = None,
+    post_cid: str | None = None,
+    did: str | None = None,
+    label: str,
+    rule_comment: str,
+    rule_name: str,
+    phash_hex: str,
+    matched_hex: str,
+    distance: int,
+    labeler_did: str,
+    now: datetime,
+    blob_cid: str | None = None,
+) -> dict[str, Any]:
+    """The full emitEvent body for ``kind``.
+
+    Post kinds need ``post_uri`` and ``post_cid``; account kinds need ``did`` (``post_uri`` is
+    then only used in the comment, to say which post triggered it). ``blob_cid`` (the matched
+    image) goes to ``subjectBlobCids`` for post subjects only: Ozone refuses blob CIDs on account
+    subjects, so it is dropped there. ``label`` is part of the externalId for every kind and
+    the label value for label kinds.
+    """
+    if not isinstance(kind, ActionKind):
+        raise EventError(f"kind: {kind!r} is not an ActionKind")
+    subject: Subject
+    if kind.on_post:
+        subject = PostSubject(_require("post_uri", post_uri), _require("post_cid", post_cid))
+        if not subject.key.startswith("at://"):
+            raise EventError(f"post_uri: {post_uri!r} is not an at:// URI")
+    else:
+        subject = AccountSubject(_require("did", did))
+        if not subject.key.startswith("did:"):
+            raise EventError(f"did: {did!r} is not a DID")
+    _require("label", label)
+    if not _require("labeler_did", labeler_did).startswith("did:"):
+        raise EventError(f"labeler_did: {labeler_did!r} is not a DID")
+    _check_hex("phash_hex", phash_hex)
+    _check_hex("matched_hex", matched_hex)
+    if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance <= 64:
+        raise EventError(f"distance: {distance!r} is not a whole number from 0 to 64")
+    if blob_cid is not None:
+        _require("blob_cid", blob_cid)
+
+    comment = comment_text(
+        now=now,
+        rule_comment=rule_comment,
+        phash_hex=phash_hex,
+        matched_hex=matched_hex,
+        distance=distance,
+        subject_key=post_uri if post_uri else subject.key,
+    )
+    event: dict[str, Any] = {"$type": f"{_DEFS}#{kind.event_type}"}
+    if kind.verb == "label":
+        event["createLabelVals"] = [label]
+        event["negateLabelVals"] = []
+    elif kind.verb == "report":
+        event["reportType"] = REASON_OTHER
+    event["comment"] = comment
+
+    body: dict[str, Any] = {
+        "event": event,
+        "subject": subject.to_json(),
+        "createdBy": labeler_did,
+        "modTool": {
+            "name": MOD_TOOL_NAME,
+            "meta": {
+                "phash": phash_hex,
+                "matchedPhash": matched_hex,
+                "distance": distance,
+                "rule": rule_name,
+            },
+        },
+        "externalId": externalid(kind, subject, label),
+    }
+    if kind.on_post and blob_cid is not None:
+        body["subjectBlobCids"] = [blob_cid]
+    return body
