@@ -30,6 +30,9 @@ class ImageJob:
     #: Jetstream ``time_us`` of the commit; the cursor position of this job.
     time_us: int
     blobs: tuple[BlobRef, ...]
+    #: Trio time at which the reader read the event (for the decision-latency histogram);
+    #: not part of the job's identity.
+    read_at: float | None = attrs.field(default=None, eq=False)
 
     @property
     def uri(self) -> str:

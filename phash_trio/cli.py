@@ -1,0 +1,145 @@
+"""``phash-trio run | hash FILE… | rules check FILE | dead-letters list|retry|purge``.
+
+Exit codes: 0 success; 1 some input failed (``hash``, ``rules check``); 2 bad configuration or
+rule file at start-up (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_hash(args: argparse.Namespace) -> int:
+    from phash_trio.hashing import ImageError, hash_file
+
+    status = 0
+    for name in args.files:
+        path = Path(name)
+        try:
+            hex_hash = hash_file(path, max_pixels=args.max_pixels)
+        except (ImageError, OSError) as exc:
+            status = 1
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if args.json:
+                print(json.dumps({"file": name, "error": message}))
+            else:
+                print(f"error: {name}: {message}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"file": name, "phash": hex_hash}))
+        else:
+            print(f"{hex_hash}  {name}")
+    return status
+
+
+def _cmd_rules_check(args: argparse.Namespace) -> int:
+    from phash_trio.rulecheck import rules_check
+
+    threshold = args.threshold
+    if threshold is None:
+        from phash_trio.config import ConfigError, load_settings
+
+        try:
+            threshold = load_settings().phash_hamming_threshold
+        except ConfigError:
+            threshold = 3
+    return rules_check(Path(args.file), default_threshold=threshold)
+
+
+def _load_or_exit() -> tuple[object, object]:
+    """Settings and rule index, or exit 2 with one line."""
+    from phash_trio.config import ConfigError, load_settings
+    from phash_trio.matching import RuleIndex
+    from phash_trio.model import RuleFileError, load_rules
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"phash-trio: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        ruleset = load_rules(settings.rules_file)
+    except RuleFileError as exc:
+        first = exc.errors[0] if exc.errors else str(exc)
+        more = (
+            f" (and {len(exc.errors) - 1} more; run 'phash-trio rules check')"
+            if len(exc.errors) > 1
+            else ""
+        )
+        print(f"phash-trio: rule file {settings.rules_file}: {first}{more}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings, RuleIndex(ruleset, settings.phash_hamming_threshold)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from phash_trio.config import Settings
+    from phash_trio.logs import configure_logging
+    from phash_trio.matching import RuleIndex
+    from phash_trio.service import run_service
+
+    settings, rules = _load_or_exit()
+    assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
+    configure_logging(settings.log_format, settings.log_level)
+    return trio.run(run_service, settings, rules)
+
+
+def _cmd_dead_letters(args: argparse.Namespace) -> int:
+    import trio
+
+    from phash_trio.config import Settings
+    from phash_trio.deadletters import dead_letters_command
+    from phash_trio.logs import configure_logging
+    from phash_trio.matching import RuleIndex
+
+    settings, rules = _load_or_exit()
+    assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
+    configure_logging(settings.log_format, settings.log_level)
+    return trio.run(dead_letters_command, settings, rules, args.action, args.limit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phash-trio", description="Perceptual-hash moderation for Bluesky."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the service (Jetstream -> hash -> rules -> Ozone)")
+    run.set_defaults(func=_cmd_run)
+
+    hash_ = sub.add_parser("hash", help="print the 8x8 mean hash of image files")
+    hash_.add_argument("files", nargs="+", metavar="FILE")
+    hash_.add_argument("--json", action="store_true", help="one JSON object per line")
+    hash_.add_argument("--max-pixels", type=int, default=50_000_000)
+    hash_.set_defaults(func=_cmd_hash)
+
+    rules = sub.add_parser("rules", help="rule file tools")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_sub.add_parser("check", help="validate a rule file and summarise it")
+    check.add_argument("file", metavar="FILE")
+    check.add_argument(
+        "--threshold", type=int, default=None, help="default threshold (PHASH_HAMMING_THRESHOLD)"
+    )
+    check.set_defaults(func=_cmd_rules_check)
+
+    dead = sub.add_parser("dead-letters", help="inspect or reprocess failed jobs (jobs:dead)")
+    dead.add_argument("action", choices=["list", "retry", "purge"])
+    dead.add_argument("--limit", type=int, default=100, help="at most this many (list, retry)")
+    dead.set_defaults(func=_cmd_dead_letters)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return result

@@ -1,0 +1,81 @@
+"""Build the job processor and everything it talks to (shared by the service and the CLI)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import trio
+
+from phash_trio.actions import Actions, RateSpacer
+from phash_trio.blobs import BlobFetcher
+from phash_trio.breaker import CircuitBreaker
+from phash_trio.checkpoint import CursorTracker
+from phash_trio.config import Settings
+from phash_trio.identity import PdsResolver
+from phash_trio.matching import RuleIndex
+from phash_trio.metrics import Metrics
+from phash_trio.ozone import OzoneClient
+from phash_trio.pipeline import JobProcessor
+from phash_trio.store import RedisStore
+
+__all__ = ["open_processor"]
+
+
+@asynccontextmanager
+async def open_processor(
+    settings: Settings,
+    rules: RuleIndex,
+    metrics: Metrics,
+    store: RedisStore,
+    tracker: CursorTracker,
+) -> AsyncIterator[JobProcessor]:
+    """A :class:`JobProcessor` with one shared HTTP client, breakers wired to the metrics."""
+    dry_run = settings.effective_dry_run
+
+    def breaker(name: str, failures: int, timeout: float) -> CircuitBreaker:
+        return CircuitBreaker(
+            name,
+            failure_threshold=failures,
+            reset_timeout=timeout,
+            on_transition=metrics.on_breaker_transition,
+            on_reject=metrics.on_breaker_reject,
+        )
+
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=40)
+    timeout = httpx.Timeout(settings.blob_download_timeout_secs)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+        resolver = PdsResolver.from_settings(settings, http, metrics)
+        fetcher = BlobFetcher.from_settings(settings, http, resolver, metrics)
+        ozone: OzoneClient | None = None
+        if not dry_run:
+            ozone = OzoneClient.from_settings(
+                settings, http, breaker("ozone", 5, 60.0), metrics=metrics
+            )
+        actions = Actions(
+            store=store,
+            ozone=ozone,
+            metrics=metrics,
+            labeler_did=settings.labeler_did,
+            default_daily_cap=settings.max_actions_per_day,
+            spacer=RateSpacer(settings.rate_limit_ms / 1000),
+            dry_run=dry_run,
+        )
+        processor = JobProcessor(
+            fetcher=fetcher,
+            rules=rules,
+            actions=actions,
+            store=store,
+            metrics=metrics,
+            tracker=tracker,
+            hash_limiter=trio.CapacityLimiter(settings.effective_hash_threads),
+            cache_enabled=settings.cache_enabled,
+            cache_ttl=settings.cache_ttl_seconds,
+            retry_attempts=settings.retry_attempts,
+            retry_delay=settings.retry_delay_ms / 1000,
+            breaker_wait_max=settings.breaker_wait_max_secs,
+            max_image_pixels=settings.max_image_pixels,
+            max_blob_bytes=settings.max_blob_bytes,
+        )
+        yield processor

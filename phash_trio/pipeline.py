@@ -1,0 +1,224 @@
+"""Workers: take an image post from the channel and see it through to a decision.
+
+Per blob: hash cache -> fetch (CDN, then PDS) -> hash in a thread -> match -> actions. A bad blob
+(not found, too large, not an image) is counted and logged and does not fail the post. A
+transient failure (network, 5xx, Redis or Ozone down) fails the attempt: the post is tried again
+``RETRY_ATTEMPTS`` times with a doubling delay, then stored in the dead-letter list. A failure
+caused only by an open circuit breaker waits for the breaker instead of spending an attempt
+(bounded by ``BREAKER_WAIT_MAX_SECS``). The post is marked finished in the cursor tracker only
+once it is decided or dead-lettered, so the saved cursor never passes it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import cattrs
+import trio
+from loguru import logger
+
+from phash_trio.actions import Actions
+from phash_trio.blobs import BlobError, BlobFetcher, BlobUnavailable
+from phash_trio.checkpoint import CursorTracker
+from phash_trio.hashing import ImageError, format_hash, mean_hash
+from phash_trio.jobs import BlobRef, ImageJob
+from phash_trio.matching import Match, RuleIndex
+from phash_trio.metrics import Metrics
+from phash_trio.ozone import OzoneAuthError, OzoneError, OzoneUnavailable
+from phash_trio.store import RedisStore, StoreError
+
+__all__ = ["JobProcessor", "job_from_json", "job_to_json", "run_worker"]
+
+_converter = cattrs.Converter()
+
+
+def job_to_json(job: ImageJob) -> dict[str, Any]:
+    data: dict[str, Any] = _converter.unstructure(job)
+    data.pop("read_at", None)
+    return data
+
+
+def job_from_json(data: dict[str, Any]) -> ImageJob:
+    return _converter.structure(data, ImageJob)
+
+
+class _TransientFailure(Exception):
+    """An attempt failed for a reason that may pass; ``breaker_retry_at`` if a breaker said so."""
+
+    def __init__(self, message: str, breaker_retry_at: float | None = None) -> None:
+        super().__init__(message)
+        self.breaker_retry_at = breaker_retry_at
+
+
+def _error_kind(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+@attrs.define
+class JobProcessor:
+    """Everything a worker needs; one instance shared by all workers."""
+
+    fetcher: BlobFetcher
+    rules: RuleIndex
+    actions: Actions
+    store: RedisStore
+    metrics: Metrics
+    tracker: CursorTracker
+    hash_limiter: trio.CapacityLimiter
+    cache_enabled: bool = True
+    cache_ttl: int = 86400
+    retry_attempts: int = 3
+    retry_delay: float = 1.0
+    breaker_wait_max: float = 900.0
+    max_image_pixels: int = 50_000_000
+    max_blob_bytes: int = 2_000_000
+
+    async def _hash_blob(self, job: ImageJob, blob: BlobRef) -> int | None:
+        """The blob's hash, or None for a bad blob (counted, logged, not retried)."""
+        if self.cache_enabled:
+            cached = await self.store.cache_get(blob.cid)
+            if cached is not None:
+                self.metrics.cache_hits.inc()
+                return cached
+            self.metrics.cache_misses.inc()
+        try:
+            data = await self.fetcher.fetch(job.did, blob.cid)
+        except BlobUnavailable as exc:
+            retry_at = exc.retry_at if exc.breaker_open else None
+            raise _TransientFailure(f"blob {blob.cid}: {exc}", retry_at) from exc
+        except BlobError as exc:
+            self.metrics.blob_errors.labels(kind=_error_kind(exc)).inc()
+            logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
+            return None
+        try:
+            phash = await trio.to_thread.run_sync(
+                lambda: mean_hash(
+                    data, max_pixels=self.max_image_pixels, max_bytes=self.max_blob_bytes
+                ),
+                limiter=self.hash_limiter,
+            )
+        except ImageError as exc:
+            self.metrics.blob_errors.labels(kind=_error_kind(exc)).inc()
+            logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
+            return None
+        self.metrics.blobs_processed.inc()
+        if self.cache_enabled:
+            await self.store.cache_set(blob.cid, phash, self.cache_ttl)
+        return phash
+
+    async def _attempt(self, job: ImageJob, done: set[str]) -> None:
+        for blob in job.blobs:
+            if blob.cid in done:
+                continue
+            phash = await self._hash_blob(job, blob)
+            match: Match | None = None
+            if phash is not None:
+                match = self.rules.match(phash, job.did)
+            if match is not None:
+                self.metrics.matches_found.inc()
+                logger.info(
+                    "match: {} blob {} phash {} ~ {} (rule {} {!r}, distance {})",
+                    job.uri,
+                    blob.cid,
+                    format_hash(match.phash),
+                    format_hash(match.matched_phash),
+                    match.rule_index,
+                    match.rule.label,
+                    match.distance,
+                )
+                try:
+                    await self.actions.apply(job, blob, match)
+                except OzoneUnavailable as exc:
+                    # An open breaker or a rate limit says when to come back: wait, do not
+                    # spend an attempt.
+                    waiting = exc.breaker_open or exc.rate_limited
+                    raise _TransientFailure(
+                        f"ozone: {exc}", exc.retry_at if waiting else None
+                    ) from exc
+                except OzoneAuthError as exc:
+                    # Bad or revoked credentials: retry, then dead-letter, never drop.
+                    self.metrics.errors.labels(kind="ozone_auth").inc()
+                    raise _TransientFailure(f"ozone login: {exc}") from exc
+                except OzoneError as exc:
+                    # Rejected by Ozone (a 4xx other than rate limits): retrying cannot help.
+                    self.metrics.errors.labels(kind=_error_kind(exc)).inc()
+                    logger.error("ozone refused an event for {}: {}", job.uri, exc)
+                except StoreError as exc:
+                    raise _TransientFailure(f"redis: {exc}") from exc
+            done.add(blob.cid)
+
+    async def process(self, job: ImageJob) -> bool:
+        """Decide the job (True) or dead-letter it (False); then mark it finished for the cursor."""
+        decided = True
+        done: set[str] = set()
+        failures = 0
+        breaker_deadline: float | None = None
+        while True:
+            try:
+                await self._attempt(job, done)
+                self.metrics.jobs_processed.inc()
+                break
+            except _TransientFailure as exc:
+                now = trio.current_time()
+                if exc.breaker_retry_at is not None:
+                    if breaker_deadline is None:
+                        breaker_deadline = now + self.breaker_wait_max
+                    if now < breaker_deadline:
+                        wait_until = min(exc.breaker_retry_at, breaker_deadline)
+                        logger.info(
+                            "{} waits {:.1f}s for an open breaker ({})",
+                            job.uri,
+                            max(0.0, wait_until - now),
+                            exc,
+                        )
+                        await trio.sleep_until(max(wait_until, now))
+                        continue
+                breaker_deadline = None
+                failures += 1
+                self.metrics.jobs_failed.inc()
+                self.metrics.errors.labels(kind="job_attempt").inc()
+                if failures > self.retry_attempts:
+                    await self._dead_letter(job, exc, failures)
+                    decided = False
+                    break
+                delay = self.retry_delay * 2 ** (failures - 1)
+                self.metrics.jobs_retried.inc()
+                logger.warning(
+                    "{} attempt {} failed: {}; retry in {:.1f}s", job.uri, failures, exc, delay
+                )
+                await trio.sleep(delay)
+        if job.read_at is not None:
+            self.metrics.decision_latency.observe(trio.current_time() - job.read_at)
+        self.tracker.finish_job(job.time_us)
+        logger.debug("decided {} time_us={} blobs={}", job.uri, job.time_us, len(job.blobs))
+        return decided
+
+    async def _dead_letter(self, job: ImageJob, exc: BaseException, attempts: int) -> None:
+        payload = {
+            "job": job_to_json(job),
+            "error": str(exc),
+            "attempts": attempts,
+            # A timestamp for operators reading the list; wall clock on purpose.
+            "failed_at": datetime.fromtimestamp(time.time(), UTC).isoformat(),
+        }
+        await self.store.until_healthy(lambda: self.store.push_dead_letter(payload), "dead letter")
+        self.metrics.jobs_dead_lettered.inc()
+        logger.error(
+            "{} dead-lettered after {} attempts: {} ({})",
+            job.uri,
+            attempts,
+            exc,
+            json.dumps(payload["job"])[:300],
+        )
+
+
+async def run_worker(processor: JobProcessor, receive: trio.MemoryReceiveChannel[ImageJob]) -> None:
+    """Process jobs until the channel is closed and empty."""
+    async with receive:
+        async for job in receive:
+            processor.metrics.queue_depth.set(receive.statistics().current_buffer_used)
+            await processor.process(job)

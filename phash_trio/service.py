@@ -1,0 +1,221 @@
+"""The service: one nursery tree (DESIGN §1).
+
+```
+run_service
+├── signal task          SIGTERM/SIGINT: 1st = drain, 2nd = stop now
+├── redis health monitor
+├── cursor checkpointer  saves the low-watermark every N ms and, shielded, at exit
+├── status endpoint      /metrics, /healthz
+├── stats logger         one line every 60 s, STATUS= for systemd
+├── watchdog             WATCHDOG=1 at half WatchdogSec
+└── pipeline nursery
+    ├── jetstream reader -> bounded channel
+    └── worker × PROCESSING_CONCURRENCY
+```
+
+Graceful shutdown: the first signal cancels the reader (no new jobs; closing its send channel
+ends the stream), workers finish what is queued within ``SHUTDOWN_GRACE_SECS``, then the rest is
+cancelled; unfinished jobs stay pending in the tracker so the final cursor does not pass them.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from functools import partial
+
+import attrs
+import trio
+from loguru import logger
+
+from phash_trio.checkpoint import Checkpointer, CursorFile, CursorTracker, run_checkpointer
+from phash_trio.components import open_processor
+from phash_trio.config import Settings
+from phash_trio.jetstream import ReaderConfig, ReaderState, run_reader
+from phash_trio.jobs import ImageJob
+from phash_trio.matching import RuleIndex
+from phash_trio.metrics import Metrics
+from phash_trio.notify import Notifier, run_watchdog
+from phash_trio.pipeline import run_worker
+from phash_trio.status_http import run_status_server
+from phash_trio.store import RedisStore, run_health_monitor
+
+__all__ = ["Service", "run_service"]
+
+STATS_INTERVAL_SECS = 60.0
+
+
+@attrs.define
+class Service:
+    """Shared state of one running service (what the status endpoint and stats read)."""
+
+    settings: Settings
+    rules: RuleIndex
+    metrics: Metrics = attrs.field(factory=Metrics)
+    notifier: Notifier = attrs.field(factory=Notifier)
+    reader_state: ReaderState = attrs.field(factory=ReaderState)
+    store: RedisStore | None = None
+    stopping: bool = False
+
+    def health(self) -> tuple[bool, str]:
+        problems = []
+        if not self.reader_state.connected:
+            problems.append("jetstream reader not connected")
+        if self.store is not None and not self.store.healthy:
+            problems.append("redis unhealthy")
+        if self.stopping:
+            problems.append("shutting down")
+        return (not problems, "; ".join(problems) or "ok")
+
+
+def _status_line(service: Service, tracker: CursorTracker) -> str:
+    """One line for the periodic log, systemd's STATUS= and the shutdown message."""
+    m = service.metrics
+    snap = m.snapshot()
+    cursor = tracker.safe_cursor()
+    # Jetstream cursors are wall-clock microseconds, so the lag is measured on the wall clock.
+    lag = (time.time() - cursor / 1e6) if cursor else None
+    if lag is not None:
+        m.cursor_lag_seconds.set(lag)
+    lag_text = "-" if lag is None else f"{lag:.1f}s"
+    return (
+        f"events {snap.get('events_received', 0):.0f}, "
+        f"posts {snap.get('jobs_processed', 0):.0f}/{snap.get('jobs_received', 0):.0f}, "
+        f"blobs {snap.get('blobs_processed', 0):.0f}, "
+        f"matches {snap.get('matches_found', 0):.0f}, "
+        f"dead {snap.get('jobs_dead_lettered', 0):.0f}, "
+        f"pending {tracker.pending}, "
+        f"lag {lag_text}"
+    )
+
+
+async def _stats_logger(service: Service, tracker: CursorTracker) -> None:
+    while True:
+        await trio.sleep(STATS_INTERVAL_SECS)
+        line = _status_line(service, tracker)
+        logger.info("stats: {}", line)
+        await service.notifier.status(line)
+
+
+async def run_service(settings: Settings, rules: RuleIndex) -> int:
+    """Run until a signal; return the exit code (0 on a clean stop)."""
+    service = Service(settings=settings, rules=rules)
+    metrics = service.metrics
+    cursor_file = CursorFile(settings.cursor_file)
+    start_cursor = cursor_file.load()
+    tracker = CursorTracker(initial=start_cursor)
+    checkpointer = Checkpointer(tracker, cursor_file, last_saved=start_cursor)
+    store = service.store = RedisStore(settings.redis_url, metrics)
+    dry_run = settings.effective_dry_run
+    logger.info(
+        "phash-trio starting: {} rules, cursor {}, {} workers, {}",
+        len(rules.rules),
+        start_cursor if start_cursor is not None else "live",
+        settings.processing_concurrency,
+        "DRY-RUN (no Ozone events)" if dry_run else f"Ozone at {settings.ozone_pds}",
+    )
+    for warning in rules.ruleset.warnings:
+        logger.warning("rule file {}: {}", settings.rules_file, warning)
+
+    async with open_processor(settings, rules, metrics, store, tracker) as processor:
+        reader_config = ReaderConfig.from_settings(settings)
+        try:
+            async with trio.open_nursery() as root:
+                pipeline_scope = trio.CancelScope()
+                reader_scope = trio.CancelScope()
+
+                async def on_signals() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                        async for signum in signals:
+                            name = signal.Signals(signum).name
+                            if not service.stopping:
+                                service.stopping = True
+                                logger.info(
+                                    "{}: draining (grace {:.0f}s; send again to stop now)",
+                                    name,
+                                    settings.shutdown_grace_secs,
+                                )
+                                await service.notifier.stopping()
+                                reader_scope.cancel()
+                                pipeline_scope.deadline = (
+                                    trio.current_time() + settings.shutdown_grace_secs
+                                )
+                            else:
+                                logger.warning("{} again: stopping now", name)
+                                pipeline_scope.cancel()
+
+                root.start_soon(on_signals)
+                await root.start(
+                    partial(
+                        run_health_monitor,
+                        store,
+                        interval=settings.redis_health_check_interval_secs,
+                        max_backoff=settings.redis_max_backoff_secs,
+                    )
+                )
+                root.start_soon(
+                    run_checkpointer, checkpointer, settings.cursor_update_interval_ms / 1000
+                )
+                if settings.metrics_addr:
+                    await root.start(
+                        run_status_server, settings.metrics_addr, metrics, service.health
+                    )
+                root.start_soon(_stats_logger, service, tracker)
+                root.start_soon(run_watchdog, service.notifier)
+
+                with pipeline_scope:
+                    async with trio.open_nursery() as pipeline:
+                        send, receive = trio.open_memory_channel[ImageJob](settings.channel_size)
+                        async with receive:
+                            for _ in range(settings.processing_concurrency):
+                                pipeline.start_soon(run_worker, processor, receive.clone())
+                        pipeline.start_soon(
+                            _run_reader,
+                            service,
+                            reader_scope,
+                            reader_config,
+                            send,
+                            tracker,
+                            start_cursor,
+                        )
+                if pipeline_scope.cancelled_caught and service.stopping:
+                    logger.warning(
+                        "grace period over: {} posts unfinished (they resume from the cursor)",
+                        tracker.pending,
+                    )
+                root.cancel_scope.cancel()
+        finally:
+            store.close()
+            line = _status_line(service, tracker)
+            logger.info("stopped: {}", line)
+            for name, value in sorted(metrics.snapshot().items()):
+                if value:
+                    logger.debug("final {} = {}", name, value)
+    return 0
+
+
+async def _run_reader(
+    service: Service,
+    scope: trio.CancelScope,
+    config: ReaderConfig,
+    send: trio.MemorySendChannel[ImageJob],
+    tracker: CursorTracker,
+    start_cursor: int | None,
+) -> None:
+    """The reader, inside the scope the first signal cancels; READY=1 once it is connected."""
+    with scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    run_reader,
+                    config,
+                    send,
+                    tracker,
+                    service.metrics,
+                    start_cursor=start_cursor,
+                    state=service.reader_state,
+                )
+            )
+            logger.info("connected to {}", service.reader_state.url)
+            await service.notifier.ready()
+            await service.notifier.status("connected to " + str(service.reader_state.url))
