@@ -19,6 +19,7 @@ from loguru import logger
 
 __all__ = ["BreakerOpen", "BreakerState", "CircuitBreaker"]
 
+
 class BreakerState(enum.Enum):
     CLOSED = "closed"  # healthy: every call goes through
     OPEN = "open"  # failing: calls are refused until the reset timeout passes

@@ -67,6 +67,7 @@ def _load_or_exit() -> tuple[object, object]:
         ruleset = load_rules(settings.rules_file)
     except RuleFileError as exc:
         first = exc.errors[0] if exc.errors else str(exc)
+        first = first.removeprefix(f"{settings.rules_file}: ")
         more = (
             f" (and {len(exc.errors) - 1} more; run 'phash-trio rules check')"
             if len(exc.errors) > 1

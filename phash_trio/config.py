@@ -285,4 +285,3 @@ def load_settings(
     settings = Settings(**values)
     _check(settings)
     return settings
-

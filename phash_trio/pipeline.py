@@ -34,6 +34,8 @@ from phash_trio.store import RedisStore, StoreError
 __all__ = ["JobProcessor", "job_from_json", "job_to_json", "run_worker"]
 
 _converter = cattrs.Converter()
+#: Shortest pause between attempts of a job held up by a half-open breaker's pending probe.
+_MIN_BREAKER_POLL = 0.05
 
 
 def job_to_json(job: ImageJob) -> dict[str, Any]:
@@ -169,6 +171,12 @@ class JobProcessor:
                         breaker_deadline = now + self.breaker_wait_max
                     if now < breaker_deadline:
                         wait_until = min(exc.breaker_retry_at, breaker_deadline)
+                        if wait_until <= now:
+                            # A retry time already past means a half-open breaker whose probe
+                            # is still out: poll instead of spinning through the attempt.
+                            wait_until = min(
+                                now + max(self.retry_delay, _MIN_BREAKER_POLL), breaker_deadline
+                            )
                         logger.info(
                             "{} waits {:.1f}s for an open breaker ({})",
                             job.uri,
@@ -220,5 +228,4 @@ async def run_worker(processor: JobProcessor, receive: trio.MemoryReceiveChannel
     """Process jobs until the channel is closed and empty."""
     async with receive:
         async for job in receive:
-            processor.metrics.queue_depth.set(receive.statistics().current_buffer_used)
             await processor.process(job)

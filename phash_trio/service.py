@@ -166,6 +166,11 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                 with pipeline_scope:
                     async with trio.open_nursery() as pipeline:
                         send, receive = trio.open_memory_channel[ImageJob](settings.channel_size)
+                        # Read at scrape time: the workers' updates miss a channel that fills
+                        # while every worker is busy (it would read 0 when it is full).
+                        metrics.queue_depth.set_function(
+                            lambda: send.statistics().current_buffer_used
+                        )
                         async with receive:
                             for _ in range(settings.processing_concurrency):
                                 pipeline.start_soon(run_worker, processor, receive.clone())

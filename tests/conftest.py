@@ -32,5 +32,7 @@ def redis_proc(redis_session: RedisProcess) -> Iterator[RedisProcess]:
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not (GOLDEN_DIR / "mean8.tsv").is_file():
-        pytest.fail(f"golden vectors not found at {GOLDEN_DIR} (../shared must sit beside the repo)")
+        pytest.fail(
+            f"golden vectors not found at {GOLDEN_DIR} (../shared must sit beside the repo)"
+        )
     return GOLDEN_DIR

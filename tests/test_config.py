@@ -27,7 +27,11 @@ def test_defaults_match_skywatch() -> None:
     assert s.cdn_url == "https://cdn.bsky.app"
     assert s.rules_file == Path("rules/blobs.json")
     assert s.cursor_file == Path("state/cursor")
-    assert (s.cursor_update_interval_ms, s.channel_size, s.shutdown_grace_secs) == (5000, 1000, 20.0)
+    assert (s.cursor_update_interval_ms, s.channel_size, s.shutdown_grace_secs) == (
+        5000,
+        1000,
+        20.0,
+    )
     assert s.effective_dry_run
 
 

@@ -141,7 +141,7 @@ async def _run(args: argparse.Namespace, redis_url: str) -> int:
         print(f"demo: service pid {service.pid}, log {service.log_path}, metrics :{port}")
         async with httpx.AsyncClient() as client:
             metrics = await service.wait_for(
-                client, _finished(len(delivered), len(posts)), timeout=args.timeout
+                client, _finished(len(delivered), len(posts)), within=args.timeout
             )
             final = await service.metrics(client) or metrics
         service.signal(signal.SIGTERM)

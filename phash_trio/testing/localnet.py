@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -182,13 +183,13 @@ class ServiceProcess:
     async def start(self, nursery: trio.Nursery) -> None:
         log = self.log_path.open("ab")
         self.process = await nursery.start(
-            lambda task_status: trio.run_process(
+            partial(
+                trio.run_process,
                 [sys.executable, "-m", "phash_trio", "run"],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 check=False,
-                task_status=task_status,
             )
         )
         log.close()
@@ -219,11 +220,11 @@ class ServiceProcess:
         client: httpx.AsyncClient,
         done: Any,
         *,
-        timeout: float = 120.0,
+        within: float = 120.0,
         poll: float = 0.1,
     ) -> dict[str, float]:
         """Poll /metrics until ``done(metrics)`` is true; raise with the log tail on timeout."""
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(within):
             while True:
                 assert self.process is not None
                 if self.process.returncode is not None:
