@@ -86,7 +86,7 @@ class Settings:
     #: Largest accepted image blob in bytes (the AT Protocol limit for images is 2 MB).
     max_blob_bytes: int = 2_000_000
     #: Largest accepted decoded image in pixels (decompression bombs).
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = 25_000_000
 
     @property
     def has_credentials(self) -> bool:

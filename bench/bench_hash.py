@@ -1,0 +1,173 @@
+"""Hashing throughput on one core: our exact mean hash vs ImageHash's average_hash.
+
+Usage: python bench/bench_hash.py [--golden DIR] [--rounds N]
+
+Runs sequentially in one process with the BLAS/OpenMP pools held at one thread (set before
+numpy is imported) and, where the OS allows, pinned to one CPU. Every file is read into memory
+first, so the figures are decode + hash only. Prints: images/s over the golden corpus for both,
+how many results agree with the golden hex (ImageHash after reversing the bits of each byte:
+it packs the first pixel into the most significant bit), per-image p50/p99, the largest JPEGs,
+and a synthetic 12-megapixel JPEG photo.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import imagehash  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from phash_trio._decode import decode_gray  # noqa: E402
+from phash_trio.hashing import ImageError, format_hash, hash_gray, mean_hash  # noqa: E402
+
+DEFAULT_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+
+
+def _pin_one_cpu() -> str:
+    if not hasattr(os, "sched_setaffinity"):
+        return "not pinned (no sched_setaffinity)"
+    cpu = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    return f"pinned to CPU {cpu}"
+
+
+def _reverse_byte_bits(hex16: str) -> str:
+    return bytes(int(f"{b:08b}"[::-1], 2) for b in bytes.fromhex(hex16)).hex()
+
+
+def _ours(data: bytes) -> str | None:
+    try:
+        return format_hash(mean_hash(data))
+    except ImageError:
+        return None
+
+
+def _imagehash(data: bytes) -> str | None:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return _reverse_byte_bits(str(imagehash.average_hash(im, hash_size=8)))
+    except Exception:  # baseline only: anything it cannot do is just a miss
+        return None
+
+
+def _run(
+    name: str, fn: Callable[[bytes], str | None], files: list[tuple[str, bytes, str]]
+) -> dict[str, float]:
+    """Hash every file once; returns per-file seconds keyed by name, prints the summary."""
+    times: dict[str, float] = {}
+    agree = failed = 0
+    start = time.perf_counter()
+    for path, data, expected in files:
+        t0 = time.perf_counter()
+        got = fn(data)
+        times[path] = time.perf_counter() - t0
+        failed += got is None
+        agree += got == expected
+    total = time.perf_counter() - start
+    per = sorted(times.values())
+    p99 = per[min(len(per) - 1, round(0.99 * (len(per) - 1)))]
+    print(
+        f"{name:<22} {len(files) / total:8.1f} images/s   {total:6.2f} s total   "
+        f"p50 {statistics.median(per) * 1e3:6.2f} ms   p99 {p99 * 1e3:7.2f} ms   "
+        f"agree {agree}/{len(files)} ({100 * agree / len(files):.1f} %)   errors {failed}"
+    )
+    return times
+
+
+def _twelve_megapixels(golden: Path) -> bytes:
+    """A 4000x3000 q85 4:2:0 JPEG made from the largest golden photo (upscaled)."""
+    photos = sorted((golden / "images" / "photos" / "jpeg").glob("*.jpg"))
+    source = max(photos, key=lambda p: p.stat().st_size)
+    with Image.open(source) as im:
+        big = im.convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=85, subsampling="4:2:0")
+    return buf.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--golden", type=Path, default=DEFAULT_GOLDEN)
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of the 12 MP photo")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")  # Pillow warns on some malformed test images (baseline)
+
+    rows = [
+        line.split("\t")
+        for line in (args.golden / "mean8.tsv").read_text().splitlines()
+        if line.strip()
+    ]
+    files = [(p, (args.golden / "images" / p).read_bytes(), h) for p, h in rows]
+    megabytes = sum(len(d) for _, d, _ in files) / 1e6
+    print(f"corpus: {len(files)} files, {megabytes:.1f} MB, {args.golden}")
+    print(f"threads: OMP/OPENBLAS/MKL = 1, sequential, {_pin_one_cpu()}")
+
+    # Warm-up: import the JPEG decoder, build the luma table, compile nothing else.
+    for _, data, _ in files[:20]:
+        _ours(data)
+
+    ours = _run("phash_trio mean_hash", _ours, files)
+    _run("imagehash average_hash", _imagehash, files)
+
+    print("where our time goes, per format (decode -> gray, then resize + mean + bits):")
+    stages: dict[str, list[float]] = {}
+    for path, data, _ in files:
+        t0 = time.perf_counter()
+        gray = decode_gray(data, max_pixels=50_000_000)
+        t1 = time.perf_counter()
+        hash_gray(gray)
+        t2 = time.perf_counter()
+        entry = stages.setdefault(Path(path).suffix.lower().replace(".mpo", ".jpg"), [0, 0, 0])
+        entry[0] += 1
+        entry[1] += t1 - t0
+        entry[2] += t2 - t1
+    for suffix, (count, decode, resize) in sorted(stages.items()):
+        print(
+            f"  {suffix:<6} {int(count):4d} files   decode {decode / count * 1e3:7.2f} ms/image   "
+            f"resize+hash {resize / count * 1e3:6.2f} ms/image"
+        )
+
+    jpegs = [f for f in files if f[0].lower().endswith((".jpg", ".jpeg", ".mpo"))]
+    largest = sorted(jpegs, key=lambda f: len(f[1]), reverse=True)[:5]
+    print("largest JPEGs (ours, decode + hash):")
+    for path, data, _ in largest:
+        with Image.open(io.BytesIO(data)) as im:
+            size = f"{im.width}x{im.height}"
+        print(f"  {ours[path] * 1e3:8.1f} ms  {size:>10}  {len(data) / 1e3:7.0f} kB  {path}")
+
+    photo = _twelve_megapixels(args.golden)
+    runs = []
+    split = []
+    for _ in range(max(1, args.rounds)):
+        t0 = time.perf_counter()
+        gray = decode_gray(photo, max_pixels=50_000_000)
+        t1 = time.perf_counter()
+        hash_gray(gray)
+        t2 = time.perf_counter()
+        runs.append(t2 - t0)
+        split.append((t1 - t0, t2 - t1))
+    best = min(runs)
+    decode, resize = min(split)
+    print(
+        f"12 MP JPEG (4000x3000, q85 4:2:0, {len(photo) / 1e6:.1f} MB): "
+        f"best {best * 1e3:.0f} ms, median {statistics.median(runs) * 1e3:.0f} ms "
+        f"= {1 / best:.2f} images/s (decode + luma {decode * 1e3:.0f} ms, "
+        f"resize + hash {resize * 1e3:.0f} ms)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

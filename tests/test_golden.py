@@ -1,0 +1,73 @@
+"""Every golden file hashes exactly as the Rust reference did, and the refused ones are refused."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from phash_trio.hashing import ImageError, format_hash, mean_hash, parse_hash
+
+# Format groups, so one slow group (JPEG) can be run on its own: pytest -k jpeg.
+_GROUPS = {
+    "png": (".png",),
+    "jpeg": (".jpg", ".jpeg", ".mpo"),
+    "gif": (".gif",),
+    "webp": (".webp",),
+}
+_EXPECTED_ROWS = 746
+
+
+def _rows(golden_dir: Path, name: str) -> Iterator[tuple[str, str]]:
+    for line in (golden_dir / name).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            path, value = line.split("\t", 1)
+            yield path, value
+
+
+def test_golden_table_is_complete(golden_dir: Path) -> None:
+    """mean8.tsv has its 746 rows, every one in a tested group, every file present."""
+    rows = list(_rows(golden_dir, "mean8.tsv"))
+    assert len(rows) == _EXPECTED_ROWS
+    suffixes = {s for group in _GROUPS.values() for s in group}
+    for path, _ in rows:
+        assert Path(path).suffix.lower() in suffixes, path
+        assert (golden_dir / "images" / path).is_file(), path
+
+
+@pytest.mark.parametrize("group", sorted(_GROUPS))
+def test_golden_hashes_match(golden_dir: Path, group: str) -> None:
+    """Each file of the group gets the reference hex; all misses are listed with bit distances."""
+    suffixes = _GROUPS[group]
+    checked = 0
+    misses: list[str] = []
+    for path, expected in _rows(golden_dir, "mean8.tsv"):
+        if Path(path).suffix.lower() not in suffixes:
+            continue
+        checked += 1
+        data = (golden_dir / "images" / path).read_bytes()
+        try:
+            got = mean_hash(data)
+        except ImageError as exc:
+            misses.append(f"{path}: expected {expected}, got {type(exc).__name__}: {exc}")
+            continue
+        if format_hash(got) != expected:
+            bits = (got ^ parse_hash(expected)).bit_count()
+            misses.append(f"{path}: expected {expected}, got {format_hash(got)} ({bits} bits)")
+    assert checked > 0
+    assert not misses, f"{len(misses)} of {checked} {group} files differ:\n" + "\n".join(misses)
+
+
+def test_undecodable_files_are_refused(golden_dir: Path) -> None:
+    """The files the reference cannot decode raise an ImageError here too."""
+    rows = list(_rows(golden_dir, "undecodable.txt"))
+    assert len(rows) == 4
+    accepted = []
+    for path, reference_error in rows:
+        try:
+            value = mean_hash((golden_dir / "images" / path).read_bytes())
+        except ImageError:
+            continue
+        accepted.append(f"{path}: hashed to {format_hash(value)}; reference: {reference_error}")
+    assert not accepted, "\n".join(accepted)
