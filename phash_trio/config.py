@@ -8,13 +8,14 @@ naming the variable: the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 from dotenv import dotenv_values
+
+from phash_trio.syntax import is_valid_did
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 
@@ -26,8 +27,6 @@ DEFAULT_JETSTREAM_FALLBACK_URLS = (
     "wss://jetstream.fire.hose.cam/subscribe",
     "wss://jetstream2.fr.hose.cam/subscribe",
 )
-
-_DID_RE = re.compile(r"^did:(plc:[a-z2-7]{24}|web:[a-zA-Z0-9.\-]+(%3[aA]\d+)?)$")
 
 
 class ConfigError(Exception):
@@ -230,7 +229,7 @@ def _check(settings: Settings) -> None:
             raise ConfigError(
                 f"METRICS_ADDR: {settings.metrics_addr!r} is not HOST:PORT (empty disables it)"
             )
-    if settings.labeler_did and not _DID_RE.match(settings.labeler_did):
+    if settings.labeler_did and not is_valid_did(settings.labeler_did):
         raise ConfigError(f"LABELER_DID: {settings.labeler_did!r} is not a did:plc or did:web")
     creds = {
         "AUTOMOD_HANDLE": settings.automod_handle,

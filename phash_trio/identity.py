@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +34,7 @@ from loguru import logger
 from phash_trio.breaker import BreakerOpen, CircuitBreaker
 from phash_trio.config import Settings
 from phash_trio.metrics import Metrics
+from phash_trio.syntax import WEB_DID_RE, is_valid_cid, is_valid_did
 
 __all__ = [
     "DidNotFound",
@@ -51,41 +51,17 @@ __all__ = [
     "read_capped",
 ]
 
-MAX_DID_LENGTH = 2048
 #: DID documents are a few hundred bytes; anything this big is not one.
 MAX_DOCUMENT_BYTES = 64 * 1024
 #: Bound on cached resolutions (oldest entries are dropped first).
 MAX_CACHE_ENTRIES = 100_000
 
-_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
-_PLC_RE = re.compile(r"did:plc:[a-z2-7]{24}")
-_WEB_RE = re.compile(rf"did:web:(?P<host>{_LABEL}(?:\.{_LABEL})*)(?:%3[aA](?P<port>[0-9]{{1,5}}))?")
-_CID_V1_RE = re.compile(r"b[a-z2-7]{20,99}")
-_CID_V0_RE = re.compile(r"Qm[1-9A-HJ-NP-Za-km-z]{44}")
 _PDS_SERVICE_TYPE = "AtprotoPersonalDataServer"
-
-
-def is_valid_did(s: object) -> bool:
-    """True for ``did:plc:`` + 24 base32 chars, or ``did:web:host`` (optional ``%3A`` port)."""
-    if not isinstance(s, str) or len(s) > MAX_DID_LENGTH:
-        return False
-    if _PLC_RE.fullmatch(s):
-        return True
-    m = _WEB_RE.fullmatch(s)
-    if m is None:
-        return False
-    port = m.group("port")
-    return port is None or 0 < int(port) <= 65535
-
-
-def is_valid_cid(s: object) -> bool:
-    """True for a base32 CIDv1 (``b…``, at most 100 chars) or a base58btc CIDv0 (``Qm…``)."""
-    return isinstance(s, str) and bool(_CID_V1_RE.fullmatch(s) or _CID_V0_RE.fullmatch(s))
 
 
 def did_web_host(did: str) -> str:
     """``did:web:example.com%3A8080`` -> ``example.com:8080`` (the DID must be valid)."""
-    m = _WEB_RE.fullmatch(did)
+    m = WEB_DID_RE.fullmatch(did)
     if m is None:
         raise InvalidDid(did, "not a valid did:web")
     port = m.group("port")

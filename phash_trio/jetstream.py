@@ -55,6 +55,7 @@ from phash_trio.checkpoint import CursorTracker
 from phash_trio.config import Settings
 from phash_trio.jobs import POST_COLLECTION, BlobRef, ImageJob
 from phash_trio.metrics import Metrics
+from phash_trio.syntax import is_valid_cid, is_valid_did
 
 __all__ = [
     "EXCERPT_CHARS",
@@ -83,13 +84,6 @@ EMBED_RECORD = "app.bsky.embed.record"
 EMBED_VIDEO = "app.bsky.embed.video"
 EMBED_EXTERNAL = "app.bsky.embed.external"
 
-_CID_V1_RE = re.compile(r"b[a-z2-7]{20,200}")
-_CID_V0_RE = re.compile(r"Qm[1-9A-HJ-NP-Za-km-z]{44}")
-_DID_RE = re.compile(
-    r"did:(?:plc:[a-z2-7]{24}"
-    r"|web:(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\.)*"
-    r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:%3[aA][0-9]{1,5})?)"
-)
 _RKEY_RE = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
 _MAX_TIME_US = 2**63 - 1
 
@@ -148,18 +142,6 @@ class ParsedEvent:
 
 # --------------------------------------------------------------------------------------------
 # Parsing
-
-
-def is_valid_cid(value: object) -> bool:
-    """CIDv1 in lower-case base32 (``b...``) or CIDv0 (``Qm`` + 44 base58 characters)."""
-    return isinstance(value, str) and bool(
-        _CID_V1_RE.fullmatch(value) or _CID_V0_RE.fullmatch(value)
-    )
-
-
-def is_valid_did(value: object) -> bool:
-    """``did:plc:`` + 24 base32 characters, or ``did:web:`` + a host name (optional %3A port)."""
-    return isinstance(value, str) and len(value) <= 2048 and bool(_DID_RE.fullmatch(value))
 
 
 def _excerpt(frame: str | bytes) -> str:

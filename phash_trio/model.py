@@ -31,6 +31,8 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
+from phash_trio.syntax import is_valid_did
+
 __all__ = [
     "ACTION_KEYS",
     "Rule",
@@ -50,7 +52,6 @@ FEW_BITS = 4
 HIGH_THRESHOLD = 16
 
 _HEX16_RE = re.compile(r"[0-9a-fA-F]{16}")
-_DID_RE = re.compile(r"did:(plc:[a-z2-7]{24}|web:[a-zA-Z0-9.\-]+(%3[aA]\d+)?)")
 # atproto custom label values: lowercase ASCII letters and '-'; '!' starts a global one.
 _LABEL_VALUE_RE = re.compile(r"!?[a-z-]{1,128}")
 
@@ -275,7 +276,7 @@ def _structure_hex16(value: object, _: type) -> str:
 def _structure_did(value: object, _: type) -> str:
     if not isinstance(value, str):
         raise _want("a DID string", value)
-    if not _DID_RE.fullmatch(value):
+    if not is_valid_did(value):
         raise _BadValue(f"{_short(value)} is not a valid did:plc or did:web")
     return value
 
