@@ -98,11 +98,39 @@ def host_blobs(net: LocalNetwork, events: list[dict[str, Any]], blobs: dict[str,
     return count
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads), in seconds."""
+def _stat_fields(pid: int) -> list[str]:
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every live process below it (the hash workers and their forkserver)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(_stat_fields(int(entry.name))[1])
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its live descendants (all threads), in seconds."""
+    total = 0.0
+    for p in descendants(pid):
+        try:
+            fields = _stat_fields(p)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
@@ -226,7 +254,8 @@ async def run_pipeline(args: argparse.Namespace, redis_url: str, workdir: Path) 
             raise SystemExit(f"timed out after {args.timeout} s:\n{service.log_tail()}")
         cpu1, own1 = proc_cpu_seconds(service.pid), own_cpu_seconds()
         threads = thread_cpu_seconds(service.pid)
-        peak_kib = proc_status_kib(service.pid, "VmHWM")
+        # Main process plus each hash worker (each one's own peak; shared pages counted twice).
+        peak_kib = sum(proc_status_kib(p, "VmHWM") for p in descendants(service.pid))
         service.signal(signal.SIGTERM)
         with trio.fail_after(60):
             code = await service.wait()
@@ -302,7 +331,7 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
             f"main {main_cpu:.2f} s, {len(others)} others {sum(others):.2f} s"
             " (CPU since start; the others are hash, Redis and DNS threads)",
         ),
-        ("service peak RSS", f"{r['peak_rss_mib']:8.1f} MiB (VmHWM)"),
+        ("service peak RSS", f"{r['peak_rss_mib']:8.1f} MiB (VmHWM, main + hash workers)"),
         (
             "harness CPU (fakes)",
             f"{r['harness_cpu']:8.2f} s   = {harness_cores:.2f} cores busy (replay, CDN here)",

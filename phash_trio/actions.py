@@ -2,9 +2,11 @@
 
 For every flag of the matched rule (``toLabel``, ``reportPost``, ``labelAcct``, ``reportAcct``,
 ``takedownPost``, ``takedownAcct``) one event is sent. Before each, a Redis claim is taken with
-the skywatch-phash-rs key (``SET NX EX 7d``): a claim already held means the action was done
-(by us before a restart, or by the Rust service) and it is skipped. A failed send releases the
-claim so the retry can act. Ozone's ``externalId`` refuses duplicates a second time over.
+the skywatch-phash-rs key (7-day TTL): its value is ``pending:{this process}`` while the event
+is sent and ``1`` (what the Rust service writes) once Ozone accepted it. A claim that is done,
+or pending in this process, means the action is skipped. A failed send releases the claim so
+the retry can act. A claim left pending by another process (killed mid-send) is taken over and
+the event sent again: Ozone's ``externalId`` refuses a true duplicate, which counts as success.
 
 A per-rule daily cap stops a bad hash from labelling the whole network: over the cap the action
 is skipped, logged loudly and counted. ``RATE_LIMIT_MS`` spaces every Ozone call across workers.
@@ -13,6 +15,7 @@ is skipped, logged loudly and counted. ``RATE_LIMIT_MS`` spaces every Ozone call
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -27,7 +30,7 @@ from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.matching import Match
 from phash_trio.metrics import Metrics
 from phash_trio.ozone import OzoneClient
-from phash_trio.store import RedisStore
+from phash_trio.store import CLAIM_PENDING_PREFIX, RedisStore
 
 __all__ = ["Actions", "RateSpacer", "claim_key", "planned_actions"]
 
@@ -107,6 +110,10 @@ class Actions:
     dry_run: bool = False
     today: Callable[[], str] = _utc_day
     wall_now: Callable[[], datetime] = attrs.field(factory=lambda: lambda: datetime.now(UTC))
+    #: Value of the claims this process is sending (unique per process).
+    claim_marker: str = attrs.field(factory=lambda: CLAIM_PENDING_PREFIX + secrets.token_hex(8))
+    #: Claim keys this process is sending right now.
+    _in_flight: set[str] = attrs.field(factory=set, init=False)
 
     def _body(self, kind: ActionKind, job: ImageJob, blob: BlobRef, match: Match) -> dict[str, Any]:
         rule = match.rule
@@ -146,13 +153,36 @@ class Actions:
             )
             return
         key = claim_key(kind, job, rule.label)
-        taken = await self.store.until_healthy(
-            lambda: self.store.claim(key, CLAIM_TTL_SECS), f"claim {key}"
+        if key in self._in_flight:
+            # Another worker of ours is sending this very action (e.g. the same account label
+            # from two posts at once); if it fails, its own job retries.
+            self.metrics.actions_skipped.labels(reason="already_done").inc()
+            return
+        self._in_flight.add(key)
+        try:
+            await self._claim_and_send(kind, job, match, key, body)
+        finally:
+            self._in_flight.discard(key)
+
+    async def _claim_and_send(
+        self, kind: ActionKind, job: ImageJob, match: Match, key: str, body: dict[str, Any]
+    ) -> None:
+        rule = match.rule
+        claimed = await self.store.until_healthy(
+            lambda: self.store.claim_action(key, self.claim_marker, CLAIM_TTL_SECS),
+            f"claim {key}",
         )
-        if not taken:
+        if claimed == 0:
             self.metrics.actions_skipped.labels(reason="already_done").inc()
             logger.debug("skip {} for {}: already done ({})", kind.value, job.uri, key)
             return
+        if claimed == 2:
+            logger.warning(
+                "{} for {}: an earlier run stopped while sending it; sending it again ({})",
+                kind.value,
+                job.uri,
+                key,
+            )
         cap = rule.max_actions_per_day
         cap = self.default_daily_cap if cap is None else cap
         cap_key = f"{match.rule_index}:{rule.label}"
@@ -177,6 +207,7 @@ class Actions:
                     job.uri,
                 )
                 return
+            assert self.ozone is not None  # _one returns early in dry-run
             await self.spacer.wait()
             result = await self.ozone.emit_event(body)
         except BaseException:
@@ -187,6 +218,9 @@ class Actions:
                 except Exception as exc:  # the claim expires in 7 days at worst
                     logger.warning("could not release claim {}: {}", key, exc)
             raise
+        await self.store.until_healthy(
+            lambda: self.store.confirm_claim(key, CLAIM_TTL_SECS), f"confirm {key}"
+        )
         getattr(self.metrics, _SENT_METRIC[kind]).inc()
         logger.info(
             "sent {} for {} (rule {!r}, distance {}){}",

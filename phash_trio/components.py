@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
-import trio
 
 from phash_trio.actions import Actions, RateSpacer
 from phash_trio.blobs import BlobFetcher
 from phash_trio.breaker import CircuitBreaker
 from phash_trio.checkpoint import CursorTracker
 from phash_trio.config import Settings
+from phash_trio.hashpool import HashPool
 from phash_trio.identity import PdsResolver
 from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
@@ -31,7 +31,7 @@ async def open_processor(
     store: RedisStore,
     tracker: CursorTracker,
 ) -> AsyncIterator[JobProcessor]:
-    """A :class:`JobProcessor` with one shared HTTP client, breakers wired to the metrics."""
+    """A :class:`JobProcessor` with a shared HTTP client and hash pool; breakers feed metrics."""
     dry_run = settings.effective_dry_run
 
     def breaker(name: str, failures: int, timeout: float) -> CircuitBreaker:
@@ -45,37 +45,44 @@ async def open_processor(
 
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=40)
     timeout = httpx.Timeout(settings.blob_download_timeout_secs)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
-        resolver = PdsResolver.from_settings(settings, http, metrics)
-        fetcher = BlobFetcher.from_settings(settings, http, resolver, metrics)
-        ozone: OzoneClient | None = None
-        if not dry_run:
-            ozone = OzoneClient.from_settings(
-                settings, http, breaker("ozone", 5, 60.0), metrics=metrics
+    hasher = HashPool.from_settings(settings, metrics)
+    try:
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+            resolver = PdsResolver.from_settings(settings, http, metrics)
+            fetcher = BlobFetcher.from_settings(settings, http, resolver, metrics)
+            ozone: OzoneClient | None = None
+            if not dry_run:
+                ozone = OzoneClient.from_settings(
+                    settings,
+                    http,
+                    breaker("ozone", 5, settings.ozone_breaker_reset_secs),
+                    metrics=metrics,
+                )
+            actions = Actions(
+                store=store,
+                ozone=ozone,
+                metrics=metrics,
+                labeler_did=settings.labeler_did,
+                default_daily_cap=settings.max_actions_per_day,
+                spacer=RateSpacer(settings.rate_limit_ms / 1000),
+                dry_run=dry_run,
             )
-        actions = Actions(
-            store=store,
-            ozone=ozone,
-            metrics=metrics,
-            labeler_did=settings.labeler_did,
-            default_daily_cap=settings.max_actions_per_day,
-            spacer=RateSpacer(settings.rate_limit_ms / 1000),
-            dry_run=dry_run,
-        )
-        processor = JobProcessor(
-            fetcher=fetcher,
-            rules=rules,
-            actions=actions,
-            store=store,
-            metrics=metrics,
-            tracker=tracker,
-            hash_limiter=trio.CapacityLimiter(settings.effective_hash_threads),
-            cache_enabled=settings.cache_enabled,
-            cache_ttl=settings.cache_ttl_seconds,
-            retry_attempts=settings.retry_attempts,
-            retry_delay=settings.retry_delay_ms / 1000,
-            breaker_wait_max=settings.breaker_wait_max_secs,
-            max_image_pixels=settings.max_image_pixels,
-            max_blob_bytes=settings.max_blob_bytes,
-        )
-        yield processor
+            processor = JobProcessor(
+                fetcher=fetcher,
+                rules=rules,
+                actions=actions,
+                store=store,
+                metrics=metrics,
+                tracker=tracker,
+                hasher=hasher,
+                cache_enabled=settings.cache_enabled,
+                cache_ttl=settings.cache_ttl_seconds,
+                retry_attempts=settings.retry_attempts,
+                retry_delay=settings.retry_delay_ms / 1000,
+                breaker_wait_max=settings.breaker_wait_max_secs,
+                max_image_pixels=settings.max_image_pixels,
+                max_blob_bytes=settings.max_blob_bytes,
+            )
+            yield processor
+    finally:
+        hasher.close()  # the workers stop once their current image is done

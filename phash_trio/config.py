@@ -78,10 +78,14 @@ class Settings:
     allow_private_networks: bool = False
     #: How long a job held up only by an open circuit breaker may wait before it fails.
     breaker_wait_max_secs: float = 900.0
+    #: Seconds the Ozone circuit breaker stays open before it lets a probe through.
+    ozone_breaker_reset_secs: float = 60.0
     #: Per-rule daily action cap used when a rule has no ``maxActionsPerDay``.
     max_actions_per_day: int = 1000
-    #: Threads hashing images at once; 0 means one per core.
+    #: Threads hashing images at once when ``hash_processes`` is 0; 0 means one per core.
     hash_threads: int = 0
+    #: Worker processes hashing images (threads share one GIL); 0 hashes in threads instead.
+    hash_processes: int = attrs.field(factory=lambda: os.cpu_count() or 1)
     #: Largest accepted image blob in bytes (the AT Protocol limit for images is 2 MB).
     max_blob_bytes: int = 2_000_000
     #: Largest accepted decoded image in pixels (decompression bombs).
@@ -186,8 +190,10 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "LOG_LEVEL": ("log_level", _parse_str, None),
     "ALLOW_PRIVATE_NETWORKS": ("allow_private_networks", _parse_bool, None),
     "BREAKER_WAIT_MAX_SECS": ("breaker_wait_max_secs", _parse_float, 0),
+    "OZONE_BREAKER_RESET_SECS": ("ozone_breaker_reset_secs", _parse_float, 0.1),
     "MAX_ACTIONS_PER_DAY": ("max_actions_per_day", _parse_int, 0),
     "HASH_THREADS": ("hash_threads", _parse_int, 0),
+    "HASH_PROCESSES": ("hash_processes", _parse_int, 0),
     "MAX_BLOB_BYTES": ("max_blob_bytes", _parse_int, 1),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", _parse_int, 1),
 }

@@ -66,6 +66,9 @@ async def dead_letters_command(
             print(f"purged {removed} dead letter(s)", file=out)
             return 0
         return await _retry(settings, rules, store, metrics, limit, out)
+    except StoreError as exc:  # a corrupt entry, or Redis lost mid-command: one clear line
+        print(f"phash-trio: dead-letters {action}: {exc}", file=sys.stderr)
+        return 1
     finally:
         store.close()
 

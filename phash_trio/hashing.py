@@ -6,7 +6,8 @@ resize to 8x8 in f32 exactly as ``imageops::resize`` (:mod:`phash_trio._resize`)
 division, bit = ``value >= mean``, bits packed LsbFirst. See ``shared/HASH.md``.
 
 The value is ``int.from_bytes(hash_bytes, "big")``, so ``f"{value:016x}"`` is the reference hex.
-:func:`mean_hash` is synchronous and thread-safe; the service runs it in a worker thread, and
+:func:`mean_hash` is synchronous and thread-safe; the service runs it in worker processes
+(:mod:`phash_trio.hashpool`, or threads with ``HASH_PROCESSES=0``), and
 the heavy parts (Pillow decoding, numpy) release the GIL.
 
 Errors (all subclasses of :class:`ImageError`, message one line)::

@@ -1,7 +1,8 @@
 """Workers: take an image post from the channel and see it through to a decision.
 
-Per blob: hash cache -> fetch (CDN, then PDS) -> hash in a thread -> match -> actions. A bad blob
-(not found, too large, not an image) is counted and logged and does not fail the post. A
+Per blob: hash cache -> fetch (CDN, then PDS) -> hash (in worker processes, or threads: see
+:mod:`phash_trio.hashpool`) -> match -> actions. A bad blob (not found, too large, not an image,
+or one that killed the hash worker twice) is counted and logged and does not fail the post. A
 transient failure (network, 5xx, Redis or Ozone down) fails the attempt: the post is tried again
 ``RETRY_ATTEMPTS`` times with a doubling delay, then stored in the dead-letter list. A failure
 caused only by an open circuit breaker waits for the breaker instead of spending an attempt
@@ -24,7 +25,8 @@ from loguru import logger
 from phash_trio.actions import Actions
 from phash_trio.blobs import BlobError, BlobFetcher, BlobUnavailable
 from phash_trio.checkpoint import CursorTracker
-from phash_trio.hashing import ImageError, format_hash, mean_hash
+from phash_trio.hashing import ImageError, format_hash
+from phash_trio.hashpool import HashPool
 from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.matching import Match, RuleIndex
 from phash_trio.metrics import Metrics
@@ -70,7 +72,7 @@ class JobProcessor:
     store: RedisStore
     metrics: Metrics
     tracker: CursorTracker
-    hash_limiter: trio.CapacityLimiter
+    hasher: HashPool
     cache_enabled: bool = True
     cache_ttl: int = 86400
     retry_attempts: int = 3
@@ -97,13 +99,10 @@ class JobProcessor:
             logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
             return None
         try:
-            phash = await trio.to_thread.run_sync(
-                lambda: mean_hash(
-                    data, max_pixels=self.max_image_pixels, max_bytes=self.max_blob_bytes
-                ),
-                limiter=self.hash_limiter,
+            phash = await self.hasher.hash(
+                data, max_pixels=self.max_image_pixels, max_bytes=self.max_blob_bytes
             )
-        except ImageError as exc:
+        except ImageError as exc:  # HashWorkerDied too: a blob that kills workers is bad
             self.metrics.blob_errors.labels(kind=_error_kind(exc)).inc()
             logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
             return None

@@ -39,6 +39,8 @@ from redis.retry import Retry
 from phash_trio.metrics import Metrics
 
 __all__ = [
+    "CLAIM_DONE",
+    "CLAIM_PENDING_PREFIX",
     "DEAD_LETTER_KEY",
     "CorruptDeadLetter",
     "RedisCommandError",
@@ -62,6 +64,22 @@ _DECR_FLOOR_ZERO = """
 local v = tonumber(redis.call('GET', KEYS[1]))
 if v and v > 0 then return redis.call('DECR', KEYS[1]) end
 return v or 0
+"""
+
+#: Value of a claim whose action is done (what skywatch-phash-rs writes).
+CLAIM_DONE = "1"
+#: Prefix of the value of a claim whose action is being sent: ``pending:{process marker}``.
+CLAIM_PENDING_PREFIX = "pending:"
+
+# Take an action claim for ARGV[1] (our pending marker): a free key, or one left pending by
+# another process (it died mid-action), becomes ours; done ("1"), ours, or anything else is
+# held. Returns 1 (taken), 2 (taken over) or 0 (held).
+_CLAIM_ACTION = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, 8) ~= 'pending:' then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if cur then return 2 end
+return 1
 """
 
 
@@ -303,6 +321,28 @@ class RedisStore:
             f"claim {key}", lambda c: c.set(key, 1, nx=True, ex=ttl), abandon=False
         )
         return bool(taken)
+
+    async def claim_action(self, key: str, marker: str, ttl: int = 604800) -> int:
+        """Claim ``key`` with ``marker`` (``pending:...``) while the action is being sent.
+
+        Returns 1 if the key was free, 2 if it held a pending marker (a process died, or a
+        release failed, before the action was confirmed: it must be sent again) and 0 if the
+        action is done. The caller must not ask for a key it is sending right now.
+        """
+        if ttl < 1:
+            raise ValueError(f"claim ttl must be >= 1 s, got {ttl}")
+        if not marker.startswith(CLAIM_PENDING_PREFIX):
+            raise ValueError(f"claim marker must start with {CLAIM_PENDING_PREFIX!r}")
+        result = await self._call(
+            f"claim {key}",
+            lambda c: c.eval(_CLAIM_ACTION, 1, key, marker, ttl),
+            abandon=False,
+        )
+        return int(result)
+
+    async def confirm_claim(self, key: str, ttl: int = 604800) -> None:
+        """The action was sent: ``SET key 1 EX ttl``, the done value skywatch-phash-rs uses."""
+        await self._call(f"confirm {key}", lambda c: c.set(key, CLAIM_DONE, ex=ttl), abandon=False)
 
     async def release(self, key: str) -> None:
         """Drop a claim so a retry can act."""

@@ -269,8 +269,9 @@ async def test_until_healthy_waits_out_an_outage(
     async def restart_later() -> None:
         nonlocal restarted
         await trio.sleep(0.3)
-        await trio.to_thread.run_sync(redis_proc.start)
+        # Set before start() returns: the claim may complete as soon as Redis answers.
         restarted = True
+        await trio.to_thread.run_sync(redis_proc.start)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(

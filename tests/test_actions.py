@@ -1,0 +1,520 @@
+"""Actions against a real redis-server and the fake Ozone over HTTP: events, claims, caps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import trio
+import trio.testing
+from loguru import logger
+
+from phash_trio.actions import CLAIM_TTL_SECS, Actions, RateSpacer, claim_key, planned_actions
+from phash_trio.breaker import CircuitBreaker
+from phash_trio.events import ActionKind, build_event, externalid
+from phash_trio.jobs import BlobRef, ImageJob
+from phash_trio.matching import Match
+from phash_trio.metrics import Metrics
+from phash_trio.model import Rule
+from phash_trio.ozone import OzoneClient, OzoneRejected, OzoneUnavailable
+from phash_trio.store import RedisStore
+from phash_trio.testing.fake_ozone import FakeOzone, run_fake_ozone
+from phash_trio.testing.redis_server import RedisProcess
+
+DID = "did:plc:z72i7hdynmk6r22z27h6tvur"
+OTHER_DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
+POST_CID = "bafyreia3tbsfxe3cc75xrxyyn6qc42oupi73fxiox76prlyi5bpb4ihhtq"
+BLOB_CID = "bafkreibme22gw2h7y2h7tg2fhqotaqjucnbc24deqo72b6mkl2egezxhvy"
+NOW = datetime(2025, 11, 21, 8, 30, 0, 123000, tzinfo=UTC)
+DAY = "2025-11-21"
+PHASH = 0xFCFCFDD9810181C3
+LISTED = 0xFCFCFDD9810181C0  # two bits away
+LABELER = FakeOzone().labeler_did
+
+FLAG_KINDS = {
+    "to_label": ActionKind.LABEL_POST,
+    "report_post": ActionKind.REPORT_POST,
+    "label_acct": ActionKind.LABEL_ACCOUNT,
+    "report_acct": ActionKind.REPORT_ACCOUNT,
+    "takedown_post": ActionKind.TAKEDOWN_POST,
+    "takedown_acct": ActionKind.TAKEDOWN_ACCOUNT,
+}
+
+
+def job(rkey: str = "3kabcdefghi2x", did: str = DID) -> ImageJob:
+    return ImageJob(did=did, rkey=rkey, cid=POST_CID, time_us=1, blobs=(BlobRef(BLOB_CID),))
+
+
+def match(rule_index: int = 0, label: str = "example-coffee", **flags: Any) -> Match:
+    rule = Rule(label=label, phashes=(LISTED,), comment="known coffee picture", **flags)
+    return Match(rule=rule, rule_index=rule_index, phash=PHASH, matched_phash=LISTED, distance=2)
+
+
+def expected_body(kind: ActionKind, j: ImageJob, m: Match, labeler: str) -> dict[str, Any]:
+    return build_event(
+        kind,
+        post_uri=j.uri,
+        post_cid=j.cid,
+        did=j.did,
+        blob_cid=j.blobs[0].cid,
+        label=m.rule.label,
+        rule_comment=m.rule.comment,
+        rule_name=m.rule.label,
+        phash_hex=f"{PHASH:016x}",
+        matched_hex=f"{LISTED:016x}",
+        distance=2,
+        labeler_did=labeler,
+        now=NOW,
+    )
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message}")
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def store(redis_proc: RedisProcess, metrics: Metrics) -> Iterator[RedisStore]:
+    s = RedisStore(redis_proc.url, metrics)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def raw(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
+    """A plain client to look behind the store's back."""
+    client = redis.Redis.from_url(redis_proc.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> FakeOzone:
+    fake = FakeOzone()
+    await nursery.start(run_fake_ozone, fake)
+    return fake
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    # No client-side deadlines at all: with an autojump clock a pending timeout would be jumped
+    # to while a request is on the wire.
+    async with httpx.AsyncClient(timeout=None) as client:
+        yield client
+
+
+@pytest.fixture
+def ozone(
+    http: httpx.AsyncClient, fake: FakeOzone, tmp_path: Path, metrics: Metrics
+) -> OzoneClient:
+    return OzoneClient(
+        http,
+        pds_url=fake.url,
+        handle=fake.handle,
+        password=fake.password,
+        labeler_did=fake.labeler_did,
+        breaker=CircuitBreaker("ozone", failure_threshold=100, reset_timeout=60.0),
+        session_file=tmp_path / "session.json",
+        metrics=metrics,
+        backoff_initial=0.01,
+        request_timeout=float("inf"),
+    )
+
+
+def make_actions(
+    store: RedisStore,
+    ozone: OzoneClient | None,
+    metrics: Metrics,
+    *,
+    cap: int = 1000,
+    interval: float = 0.0,
+    dry_run: bool = False,
+) -> Actions:
+    return Actions(
+        store=store,
+        ozone=ozone,
+        metrics=metrics,
+        labeler_did=LABELER,
+        default_daily_cap=cap,
+        spacer=RateSpacer(interval),
+        dry_run=dry_run,
+        today=lambda: DAY,
+        wall_now=lambda: NOW,
+    )
+
+
+SENT_METRIC = {
+    ActionKind.LABEL_POST: "posts_labeled",
+    ActionKind.REPORT_POST: "posts_reported",
+    ActionKind.TAKEDOWN_POST: "posts_taken_down",
+    ActionKind.LABEL_ACCOUNT: "accounts_labeled",
+    ActionKind.REPORT_ACCOUNT: "accounts_reported",
+    ActionKind.TAKEDOWN_ACCOUNT: "accounts_taken_down",
+}
+
+
+@pytest.mark.parametrize("flag", sorted(FLAG_KINDS))
+async def test_each_flag_sends_exactly_its_event(
+    flag: str,
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+) -> None:
+    """One flag gives one event with the exact body, a skywatch claim key with a 7-day TTL,
+    and its own counter."""
+    kind = FLAG_KINDS[flag]
+    j, m = job(), match(**{flag: True})
+    await make_actions(store, ozone, metrics).apply(j, j.blobs[0], m)
+
+    body = expected_body(kind, j, m, fake.labeler_did)
+    assert fake.events == [body]
+    sent = fake.events[0]
+    subject_key = j.uri if kind.on_post else j.did
+    if kind.on_post:
+        assert sent["subject"] == {
+            "$type": "com.atproto.repo.strongRef",
+            "uri": j.uri,
+            "cid": j.cid,
+        }
+        assert sent["subjectBlobCids"] == [BLOB_CID]
+    else:
+        assert sent["subject"] == {"$type": "com.atproto.admin.defs#repoRef", "did": DID}
+        assert "subjectBlobCids" not in sent
+    assert sent["event"]["$type"] == f"tools.ozone.moderation.defs#{kind.event_type}"
+    assert sent["createdBy"] == fake.labeler_did
+    assert sent["modTool"] == {
+        "name": "phash-trio",
+        "meta": {
+            "phash": "fcfcfdd9810181c3",
+            "matchedPhash": "fcfcfdd9810181c0",
+            "distance": 2,
+            "rule": "example-coffee",
+        },
+    }
+    assert sent["externalId"] == externalid(kind, subject_key, "example-coffee")
+
+    key = {
+        ActionKind.LABEL_POST: f"claim:post:label:{j.uri}:example-coffee",
+        ActionKind.REPORT_POST: f"claim:post:report:{j.uri}:example-coffee",
+        ActionKind.TAKEDOWN_POST: f"claim:post:takedown:{j.uri}",
+        ActionKind.LABEL_ACCOUNT: f"claim:account:label:{DID}:example-coffee",
+        ActionKind.REPORT_ACCOUNT: f"claim:account:report:{DID}:example-coffee",
+        ActionKind.TAKEDOWN_ACCOUNT: f"claim:account:takedown:{DID}",
+    }[kind]
+    assert claim_key(kind, j, "example-coffee") == key
+    assert raw.keys("claim:*") == [key]
+    assert raw.get(key) == "1"
+    assert CLAIM_TTL_SECS - 5 <= raw.ttl(key) <= CLAIM_TTL_SECS == 7 * 24 * 3600
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "1"
+
+    snap = metrics.snapshot()
+    assert snap[SENT_METRIC[kind]] == 1
+    assert (
+        metrics.total("posts_labeled")
+        + metrics.total("posts_reported")
+        + metrics.total("posts_taken_down")
+        + metrics.total("accounts_labeled")
+        + metrics.total("accounts_reported")
+        + metrics.total("accounts_taken_down")
+        == 1
+    )
+    assert snap[f"ozone_events[event={kind.event_type}]"] == 1
+
+
+async def test_all_flags_in_fixed_order(
+    store: RedisStore, ozone: OzoneClient, fake: FakeOzone, metrics: Metrics
+) -> None:
+    """A rule with every flag sends labels, then reports, then takedowns, post before account."""
+    j = job()
+    m = match(**dict.fromkeys(FLAG_KINDS, True))
+    order = [
+        ActionKind.LABEL_POST,
+        ActionKind.LABEL_ACCOUNT,
+        ActionKind.REPORT_POST,
+        ActionKind.REPORT_ACCOUNT,
+        ActionKind.TAKEDOWN_POST,
+        ActionKind.TAKEDOWN_ACCOUNT,
+    ]
+    assert planned_actions(m) == order
+    await make_actions(store, ozone, metrics).apply(j, j.blobs[0], m)
+    assert fake.events == [expected_body(k, j, m, fake.labeler_did) for k in order]
+    assert metrics.total("actions_skipped") == 0
+
+
+async def test_no_flag_sends_nothing(
+    store: RedisStore, ozone: OzoneClient, fake: FakeOzone, metrics: Metrics, raw: redis.Redis
+) -> None:
+    """A rule without action flags only matches: no event, no claim, no session."""
+    j = job()
+    await make_actions(store, ozone, metrics).apply(j, j.blobs[0], match())
+    assert fake.requests == []
+    assert raw.keys("*") == []
+
+
+async def test_same_post_twice_sends_once(
+    store: RedisStore, ozone: OzoneClient, fake: FakeOzone, metrics: Metrics
+) -> None:
+    """The second time the claims are held: nothing reaches Ozone, each skip is counted."""
+    j, m = job(), match(to_label=True, label_acct=True)
+    actions = make_actions(store, ozone, metrics)
+    await actions.apply(j, j.blobs[0], m)
+    await actions.apply(j, j.blobs[0], m)
+    # Another post by the same author: the account label is already claimed.
+    other = job("3kzzzzzzzzz2x")
+    await actions.apply(other, other.blobs[0], m)
+    assert [e["event"]["$type"].rpartition("#")[2] for e in fake.events] == [
+        "modEventLabel",
+        "modEventLabel",
+        "modEventLabel",
+    ]
+    assert [e["subject"].get("uri", e["subject"].get("did")) for e in fake.events] == [
+        j.uri,
+        DID,
+        other.uri,
+    ]
+    assert len(fake.calls("emitEvent")) == 3  # no DuplicateExternalId attempt either
+    assert metrics.snapshot()["actions_skipped[reason=already_done]"] == 3
+
+
+async def test_claim_held_elsewhere_is_skipped(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+) -> None:
+    """A claim set by someone else (the Rust service, another instance) means "done": skip it
+    and leave the claim alone."""
+    j, m = job(), match(to_label=True, report_post=True)
+    held = f"claim:post:label:{j.uri}:example-coffee"
+    raw.set(held, "1", ex=3600)
+    await make_actions(store, ozone, metrics).apply(j, j.blobs[0], m)
+    assert [e["event"]["$type"].rpartition("#")[2] for e in fake.events] == ["modEventReport"]
+    assert metrics.snapshot()["actions_skipped[reason=already_done]"] == 1
+    assert 3590 <= raw.ttl(held) <= 3600
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "1"  # the skip used no cap
+
+
+async def test_claim_is_pending_while_sending_then_done(
+    store: RedisStore, ozone: OzoneClient, fake: FakeOzone, metrics: Metrics, raw: redis.Redis
+) -> None:
+    """While the event is on the wire the claim holds this process's pending marker; once Ozone
+    accepted it, the skywatch "done" value ``1``."""
+    j, m = job(), match(to_label=True)
+    actions = make_actions(store, ozone, metrics)
+    key = f"claim:post:label:{j.uri}:example-coffee"
+    await ozone.ensure_session()
+    fake.hang = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(actions.apply, j, j.blobs[0], m)
+        while raw.get(key) is None:  # noqa: ASYNC110 - Redis offers nothing to wait on
+            await trio.sleep(0.005)
+        assert raw.get(key) == actions.claim_marker
+        assert actions.claim_marker.startswith("pending:")
+        fake.hang = False
+    assert raw.get(key) == "1"
+    assert CLAIM_TTL_SECS - 5 <= raw.ttl(key) <= CLAIM_TTL_SECS
+    assert len(fake.events) == 1
+
+
+async def test_claim_left_pending_by_a_killed_process_is_taken_over(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+    log_lines: list[str],
+) -> None:
+    """A claim left pending (a process killed mid-send, or our own release that failed while
+    Redis was down) does not block the action: it is sent again."""
+    j, m = job(), match(to_label=True, report_post=True)
+    actions = make_actions(store, ozone, metrics)
+    label_key = f"claim:post:label:{j.uri}:example-coffee"
+    report_key = f"claim:post:report:{j.uri}:example-coffee"
+    raw.set(label_key, "pending:0123456789abcdef", ex=600)
+    raw.set(report_key, actions.claim_marker, ex=600)  # ours, left by a failed release
+    await actions.apply(j, j.blobs[0], m)
+    assert [e["event"]["$type"].rpartition("#")[2] for e in fake.events] == [
+        "modEventLabel",
+        "modEventReport",
+    ]
+    assert raw.get(label_key) == "1"
+    assert raw.get(report_key) == "1"
+    assert any("earlier run stopped while sending" in line for line in log_lines)
+    # Had the killed process's event reached Ozone, the repeat is refused and counts as sent.
+    raw.set(label_key, "pending:0123456789abcdef", ex=600)
+    await actions.apply(j, j.blobs[0], match(to_label=True))
+    assert len(fake.events) == 2
+    assert [r.status for r in fake.calls("emitEvent")] == [200, 200, 400]
+    assert raw.get(label_key) == "1"
+    assert metrics.snapshot()["posts_labeled"] == 2
+
+
+async def test_ozone_failure_releases_the_claim(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+) -> None:
+    """When Ozone keeps failing the claim and the cap count are given back; a retry sends."""
+    j, m = job(), match(to_label=True)
+    actions = make_actions(store, ozone, metrics)
+    await ozone.ensure_session()
+    fake.fail_next(3, 503)
+    with pytest.raises(OzoneUnavailable):
+        await actions.apply(j, j.blobs[0], m)
+    assert fake.events == []
+    assert raw.keys("claim:*") == []
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "0"
+    await actions.apply(j, j.blobs[0], m)
+    assert fake.events == [expected_body(ActionKind.LABEL_POST, j, m, fake.labeler_did)]
+    assert raw.keys("claim:*") == [f"claim:post:label:{j.uri}:example-coffee"]
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "1"
+
+
+async def test_ozone_rejection_releases_the_claim(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+) -> None:
+    """A refused event (4xx) raises OzoneRejected and leaves no claim behind."""
+    j, m = job(), match(to_label=True, report_post=True)
+    await ozone.ensure_session()
+    fake.fail_next(1, 400)
+    with pytest.raises(OzoneRejected):
+        await make_actions(store, ozone, metrics).apply(j, j.blobs[0], m)
+    assert fake.events == []
+    assert raw.keys("claim:*") == []
+    assert metrics.snapshot()["ozone_errors[kind=rejected]"] == 1
+
+
+async def test_daily_cap(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+    log_lines: list[str],
+) -> None:
+    """With a cap of 2 the third action of the rule that day is skipped, logged loudly, counted,
+    and its claim released; another rule has its own count."""
+    actions = make_actions(store, ozone, metrics, cap=2)
+    m = match(to_label=True)
+    posts = [job(f"3kaaaaaaaaa{i}x") for i in range(2, 5)]
+    for p in posts:
+        await actions.apply(p, p.blobs[0], m)
+    assert [e["subject"]["uri"] for e in fake.events] == [posts[0].uri, posts[1].uri]
+    assert metrics.snapshot()["actions_skipped[reason=daily_cap]"] == 1
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "2"
+    assert f"claim:post:label:{posts[2].uri}:example-coffee" not in raw.keys("claim:*")
+    assert len(raw.keys("claim:*")) == 2
+    cap_lines = [line for line in log_lines if "DAILY CAP" in line]
+    assert len(cap_lines) == 1
+    assert cap_lines[0].startswith("ERROR") and posts[2].uri in cap_lines[0]
+
+    other_rule = match(rule_index=1, label="other-rule", to_label=True)
+    await actions.apply(posts[2], posts[2].blobs[0], other_rule)
+    assert len(fake.events) == 3
+    assert raw.get(f"actions:1:other-rule:{DAY}") == "1"
+
+
+async def test_rule_cap_overrides_default(
+    store: RedisStore, ozone: OzoneClient, fake: FakeOzone, metrics: Metrics
+) -> None:
+    """``maxActionsPerDay`` on the rule wins over the service default."""
+    actions = make_actions(store, ozone, metrics, cap=1000)
+    m = match(to_label=True, report_post=True, max_actions_per_day=1)
+    j = job()
+    await actions.apply(j, j.blobs[0], m)
+    assert [e["event"]["$type"].rpartition("#")[2] for e in fake.events] == ["modEventLabel"]
+    assert metrics.snapshot()["actions_skipped[reason=daily_cap]"] == 1
+
+
+async def test_dry_run_sends_nothing_and_logs_the_body(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+    log_lines: list[str],
+) -> None:
+    """Dry-run takes no claim, counts no cap, calls nobody, and logs each full body."""
+    j = job()
+    m = match(to_label=True, report_acct=True)
+    for client in (None, ozone):
+        await make_actions(store, client, metrics, dry_run=True).apply(j, j.blobs[0], m)
+    assert fake.requests == []
+    assert raw.keys("*") == []
+    assert metrics.snapshot()["actions_skipped[reason=dry_run]"] == 4
+    for kind in (ActionKind.LABEL_POST, ActionKind.REPORT_ACCOUNT):
+        dumped = json.dumps(expected_body(kind, j, m, LABELER), sort_keys=True)
+        assert sum(dumped in line for line in log_lines) == 2
+
+
+async def test_rate_spacer_spaces_concurrent_callers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Callers pass one per interval, in turn; after a quiet spell the next passes at once."""
+    spacer = RateSpacer(0.25)
+    times: list[float] = []
+
+    async def call() -> None:
+        await spacer.wait()
+        times.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(call)
+    assert times == [0.0, 0.25, 0.5, 0.75]
+    await trio.sleep_until(5)
+    await call()
+    await call()
+    assert times[4:] == [5.0, 5.25]
+    no_wait = RateSpacer(0.0)
+    await no_wait.wait()
+    await no_wait.wait()
+    assert trio.current_time() == 5.25
+
+
+async def test_rate_limit_spaces_ozone_calls(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With RATE_LIMIT 250 ms the six events of one match reach Ozone 250 ms apart."""
+    await ozone.ensure_session()
+    start = trio.current_time()
+    j = job()
+    await make_actions(store, ozone, metrics, interval=0.25).apply(
+        j, j.blobs[0], match(**dict.fromkeys(FLAG_KINDS, True))
+    )
+    arrivals = [r.time - start for r in fake.calls("emitEvent")]
+    assert arrivals == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
+    assert len(fake.events) == 6

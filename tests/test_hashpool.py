@@ -1,0 +1,162 @@
+"""HashPool: real worker processes (and the thread mode), bundled images, real SIGKILLs."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from phash_trio.config import ConfigError, Settings, load_settings
+from phash_trio.hashing import CorruptImage, ImageError, ImageTooLarge, UnsupportedImage, mean_hash
+from phash_trio.hashpool import HashPool, HashPoolClosed, HashWorkerDied
+from phash_trio.metrics import Metrics
+from phash_trio.testing.capture import IMAGES_DIR
+
+LIMITS = {"max_pixels": 25_000_000, "max_bytes": 2_000_000}
+GOOD = sorted(p for p in Path(IMAGES_DIR).iterdir() if p.stem not in ("truncated", "not-an-image"))
+BAD = {
+    "truncated.jpg": CorruptImage,
+    "not-an-image.jpg": UnsupportedImage,
+}
+
+
+def worker_deaths(metrics: Metrics) -> float:
+    value = metrics.registry.get_sample_value("phash_errors_total", {"kind": "hash_worker_died"})
+    return value or 0.0
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def pool(metrics: Metrics) -> Iterator[HashPool]:
+    hash_pool = HashPool(2, metrics=metrics)
+    yield hash_pool
+    hash_pool.close()
+
+
+async def hash_all(hash_pool: HashPool, blobs: list[bytes]) -> list[int]:
+    """Hash every blob from its own Trio task; results in input order."""
+    results: list[int] = [0] * len(blobs)
+
+    async def one(i: int) -> None:
+        results[i] = await hash_pool.hash(blobs[i], **LIMITS)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(blobs)):
+            nursery.start_soon(one, i)
+    return results
+
+
+async def test_process_hashes_equal_in_process_hashes(pool: HashPool) -> None:
+    """Every bundled image hashes in a worker process to exactly the in-process mean_hash."""
+    blobs = [p.read_bytes() for p in GOOD]
+    assert len(blobs) >= 9
+    assert await hash_all(pool, blobs) == [mean_hash(b) for b in blobs]
+    assert len(pool.worker_pids()) == 2
+    assert os.getpid() not in pool.worker_pids()
+
+
+@pytest.mark.parametrize("processes", [2, 0])
+async def test_typed_errors_keep_class_and_message(processes: int) -> None:
+    """Bad images raise the same ImageError subclass and message as in-process, in both modes."""
+    hash_pool = HashPool(processes, threads=2)
+    try:
+        for name, kind in BAD.items():
+            data = (Path(IMAGES_DIR) / name).read_bytes()
+            with pytest.raises(kind) as local:
+                mean_hash(data, **LIMITS)
+            with pytest.raises(kind) as remote:
+                await hash_pool.hash(data, **LIMITS)
+            assert type(remote.value) is kind
+            assert str(remote.value) == str(local.value)
+        big = GOOD[0].read_bytes()
+        with pytest.raises(ImageTooLarge, match=f"input is {len(big)} bytes, limit 100"):
+            await hash_pool.hash(big, max_pixels=25_000_000, max_bytes=100)
+    finally:
+        hash_pool.close()
+
+
+async def test_many_concurrent_hashes_complete(pool: HashPool) -> None:
+    """Sixty hashes awaited from sixty Trio tasks all finish with the right values."""
+    blobs = [GOOD[i % len(GOOD)].read_bytes() for i in range(60)]
+    expected = {b: mean_hash(b) for b in set(blobs)}
+    assert await hash_all(pool, blobs) == [expected[b] for b in blobs]
+
+
+async def test_sigkilled_workers_are_replaced_and_jobs_rerun(
+    pool: HashPool, metrics: Metrics
+) -> None:
+    """SIGKILLed workers cost one restart: the jobs in flight run again and the pool keeps going."""
+    data = (Path(IMAGES_DIR) / "chelsea.jpg").read_bytes()
+    expected = mean_hash(data)
+    before = pool.worker_pids()
+    assert len(before) == 2
+    results: list[int] = []
+    first_done = trio.Event()
+
+    async def one() -> None:
+        results.append(await pool.hash(data, **LIMITS))
+        first_done.set()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(16):
+            nursery.start_soon(one)
+        await first_done.wait()  # the workers are busy with the next jobs now
+        for pid in before:
+            os.kill(pid, signal.SIGKILL)
+    assert results == [expected] * 16
+    assert worker_deaths(metrics) == 1
+    after = pool.worker_pids()
+    assert len(after) == 2 and not set(after) & set(before)
+    assert await pool.hash(data, **LIMITS) == expected
+
+
+async def test_job_that_kills_its_worker_twice_is_a_bad_image(
+    pool: HashPool, metrics: Metrics
+) -> None:
+    """A job whose worker dies on both tries raises HashWorkerDied, an ImageError; hashing goes on."""
+    with pytest.raises(HashWorkerDied, match="died 2 times") as info:
+        await pool.call(partial(os._exit, 1))
+    assert isinstance(info.value, ImageError)
+    assert worker_deaths(metrics) == 2
+    data = GOOD[0].read_bytes()
+    assert await pool.hash(data, **LIMITS) == mean_hash(data)
+
+
+async def test_thread_mode_hashes_in_this_process() -> None:
+    """HASH_PROCESSES=0 hashes in threads of this process, with the same results."""
+    settings = load_settings({"HASH_PROCESSES": "0", "HASH_THREADS": "3"}, env_file=None)
+    hash_pool = HashPool.from_settings(settings)
+    try:
+        assert hash_pool.processes == 0 and hash_pool.worker_pids() == []
+        assert await hash_pool.call(os.getpid) == os.getpid()
+        blobs = [p.read_bytes() for p in GOOD] * 2
+        assert await hash_all(hash_pool, blobs) == [mean_hash(b) for b in blobs]
+    finally:
+        hash_pool.close()
+
+
+async def test_closed_pool_refuses_jobs(pool: HashPool) -> None:
+    """After close() a hash raises HashPoolClosed instead of hanging."""
+    pool.close()
+    with pytest.raises(HashPoolClosed):
+        await pool.hash(GOOD[0].read_bytes(), **LIMITS)
+
+
+def test_hash_processes_defaults_to_one_per_core() -> None:
+    """HASH_PROCESSES defaults to the number of cores and accepts 0 but nothing negative."""
+    assert Settings().hash_processes == (os.cpu_count() or 1)
+    assert (
+        load_settings({"HASH_PROCESSES": ""}, env_file=None).hash_processes
+        == Settings().hash_processes
+    )
+    with pytest.raises(ConfigError, match="HASH_PROCESSES: -1 is below the minimum 0"):
+        load_settings({"HASH_PROCESSES": "-1"}, env_file=None)
