@@ -153,6 +153,9 @@ async def run_checkpointer(
         with trio.CancelScope(shield=True):
             try:
                 cursor = await checkpointer.save_now()
-                logger.info("cursor saved at {}", cursor)
+                if cursor is None:
+                    logger.info("no cursor to save yet (nothing read)")
+                else:
+                    logger.info("cursor saved at {}", cursor)
             except OSError as exc:
                 logger.error("cannot write cursor file {}: {}", checkpointer.file.path, exc)

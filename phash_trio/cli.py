@@ -84,12 +84,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from phash_trio.config import Settings
     from phash_trio.logs import configure_logging
     from phash_trio.matching import RuleIndex
-    from phash_trio.service import run_service
+    from phash_trio.service import StartupError, run_service
 
     settings, rules = _load_or_exit()
     assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
     configure_logging(settings.log_format, settings.log_level)
-    return trio.run(run_service, settings, rules)
+    try:
+        return trio.run(run_service, settings, rules)
+    except (StartupError, BaseExceptionGroup) as exc:
+        reason = _startup_reason(exc, StartupError)
+        if reason is None:
+            raise
+        print(f"phash-trio: cannot start: {reason}", file=sys.stderr)
+        return 2
+
+
+def _startup_reason(exc: BaseException, kind: type[Exception]) -> str | None:
+    """The message of ``exc`` if it is (a nursery group of nothing but) ``kind``."""
+    if isinstance(exc, kind):
+        return str(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(kind)
+        if matched is not None and rest is None:
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return str(leaf)
+    return None
 
 
 def _cmd_dead_letters(args: argparse.Namespace) -> int:

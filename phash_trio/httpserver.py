@@ -137,9 +137,17 @@ async def _write_response(stream: trio.abc.Stream, response: Response, keep_aliv
     headers["transfer-encoding"] = "chunked"
     headers.pop("content-length", None)
     await stream.send_all(_head(response.status, headers))
-    async for piece in response.stream():
-        if piece:
-            await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
+    pieces = response.stream()
+    try:
+        async for piece in pieces:
+            if piece:
+                await stream.send_all(b"%x\r\n%s\r\n" % (len(piece), piece))
+    finally:
+        # Close the generator here, not in the garbage collector (the client may hang up).
+        aclose = getattr(pieces, "aclose", None)
+        if aclose is not None:
+            with trio.CancelScope(shield=True):
+                await aclose()
     await stream.send_all(b"0\r\n\r\n")
 
 

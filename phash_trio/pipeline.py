@@ -184,7 +184,8 @@ class JobProcessor:
                         )
                         await trio.sleep_until(max(wait_until, now))
                         continue
-                breaker_deadline = None
+                # Past the job's one breaker-wait budget (never renewed), an open breaker
+                # spends attempts like any other failure, so the job reaches the dead letters.
                 failures += 1
                 self.metrics.jobs_failed.inc()
                 self.metrics.errors.labels(kind="job_attempt").inc()

@@ -20,6 +20,7 @@ cancelled; unfinished jobs stay pending in the tracker so the final cursor does 
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from functools import partial
@@ -40,9 +41,26 @@ from phash_trio.pipeline import run_worker
 from phash_trio.status_http import run_status_server
 from phash_trio.store import RedisStore, run_health_monitor
 
-__all__ = ["Service", "run_service"]
+__all__ = ["Service", "StartupError", "run_service"]
 
 STATS_INTERVAL_SECS = 60.0
+
+
+class StartupError(Exception):
+    """The service cannot start (state directory not writable, metrics port taken...)."""
+
+
+def _check_state_dir(settings: Settings) -> None:
+    """Fail at start, not at the first checkpoint, when the cursor cannot be written."""
+    for directory in {settings.state_dir, settings.cursor_file.parent}:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create state directory {directory}: {exc.strerror}"
+            ) from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StartupError(f"state directory {directory} is not writable")
 
 
 @attrs.define
@@ -99,6 +117,7 @@ async def _stats_logger(service: Service, tracker: CursorTracker) -> None:
 
 async def run_service(settings: Settings, rules: RuleIndex) -> int:
     """Run until a signal; return the exit code (0 on a clean stop)."""
+    _check_state_dir(settings)
     service = Service(settings=settings, rules=rules)
     metrics = service.metrics
     cursor_file = CursorFile(settings.cursor_file)
@@ -157,9 +176,18 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                     run_checkpointer, checkpointer, settings.cursor_update_interval_ms / 1000
                 )
                 if settings.metrics_addr:
-                    await root.start(
-                        run_status_server, settings.metrics_addr, metrics, service.health
-                    )
+                    try:
+                        await root.start(
+                            run_status_server, settings.metrics_addr, metrics, service.health
+                        )
+                    except* OSError as group:
+                        leaf: BaseException = group
+                        while isinstance(leaf, BaseExceptionGroup):
+                            leaf = leaf.exceptions[0]
+                        reason = getattr(leaf, "strerror", None) or str(leaf)
+                        raise StartupError(
+                            f"METRICS_ADDR {settings.metrics_addr}: cannot listen: {reason}"
+                        ) from None
                 root.start_soon(_stats_logger, service, tracker)
                 root.start_soon(run_watchdog, service.notifier)
 
@@ -193,9 +221,10 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
             store.close()
             line = _status_line(service, tracker)
             logger.info("stopped: {}", line)
-            for name, value in sorted(metrics.snapshot().items()):
-                if value:
-                    logger.debug("final {} = {}", name, value)
+            totals = ", ".join(
+                f"{name}={value:g}" for name, value in sorted(metrics.snapshot().items()) if value
+            )
+            logger.info("final metrics: {}", totals or "all zero")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,55 @@ def test_run_with_broken_rules_exits_2(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"phash-trio: rule file {rules}: ")
+
+
+def _run_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "PATH": "/usr/bin:/bin",
+        "RULES_FILE": str(REPO / "rules" / "blobs.json"),
+        "JETSTREAM_URL": "ws://127.0.0.1:9/subscribe",
+        "JETSTREAM_FALLBACK_URLS": "",
+        "REDIS_URL": "redis://127.0.0.1:9",
+        "STATE_DIR": str(tmp_path / "state"),
+        "METRICS_ADDR": "",
+        **extra,
+    }
+
+
+def test_run_exits_2_when_metrics_port_is_taken(tmp_path: Path) -> None:
+    """A METRICS_ADDR already in use stops start-up with exit 2 and one reason line."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        addr = f"127.0.0.1:{busy.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "phash_trio", "run"],
+            cwd=tmp_path,
+            env=_run_env(tmp_path, METRICS_ADDR=addr),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"phash-trio: cannot start: METRICS_ADDR {addr}: cannot listen: Address already in use"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_run_exits_2_when_state_dir_cannot_be_created(tmp_path: Path) -> None:
+    """A state directory that cannot be created stops start-up with exit 2, one line."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "phash_trio", "run"],
+        cwd=tmp_path,
+        env=_run_env(tmp_path, STATE_DIR=str(blocker / "state")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"phash-trio: cannot start: cannot create state directory {blocker / 'state'}: Not a directory"
+    ]
