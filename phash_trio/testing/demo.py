@@ -22,7 +22,13 @@ from typing import Any
 import httpx
 import trio
 
-from phash_trio.testing.capture import DEMO_CAPTURE, PDS_ONLY_IMAGES, demo_images, load_jsonl
+from phash_trio.testing.capture import (
+    DEMO_CAPTURE,
+    IGNORED_DID,
+    PDS_ONLY_IMAGES,
+    demo_images,
+    load_jsonl,
+)
 from phash_trio.testing.localnet import (
     LocalNetwork,
     ServiceProcess,
@@ -57,8 +63,9 @@ def _summary(
         "=== phash-trio demo summary ===",
         f"service exit code      {exit_code} (SIGTERM, graceful)",
         f"run time               {seconds:.1f} s",
-        f"events read            {total('phash_events_received_total')}"
-        f"  (malformed {total('phash_frames_malformed_total')})",
+        f"events read            {total('phash_events_received_total')} of {len(net.events)}"
+        f" in the capture (the rest are other collections, filtered by wantedCollections;"
+        f" malformed {total('phash_frames_malformed_total')})",
         f"image posts            {total('phash_jobs_processed_total')} decided,"
         f" {total('phash_jobs_dead_lettered_total')} dead-lettered",
         f"blobs hashed           {total('phash_blobs_processed_total')}"
@@ -100,6 +107,11 @@ def _summary(
     lines.append("events by rule (rule, listed hash, distance):")
     for (rule, matched, distance), count in sorted(matches.items()):
         lines.append(f"  {rule:<20} {matched}  distance {distance}: {count} event(s)")
+    ignored = [e for e in net.ozone.events if IGNORED_DID in json.dumps(e["subject"])]
+    lines.append(
+        f"ignoreDID              {len(ignored)} event(s) about {IGNORED_DID}"
+        " (its post shows the cat of example-chelsea, which ignores that author)"
+    )
     lines.append(f"saved cursor           {cursor}")
     return "\n".join(lines)
 
