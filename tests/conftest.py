@@ -1,12 +1,18 @@
-"""Shared fixtures: a real redis-server per test session, flushed for each test that asks."""
+"""Shared fixtures: a real redis-server per test session (flushed for each test that asks),
+clients and a store on it, metrics, an HTTP client and a loguru capture."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import redis
+from loguru import logger
 
+from phash_trio.metrics import Metrics
+from phash_trio.store import RedisStore
 from phash_trio.testing.redis_server import RedisProcess, redis_server
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
@@ -36,3 +42,47 @@ def golden_dir() -> Path:
             f"golden vectors not found at {GOLDEN_DIR} (../shared must sit beside the repo)"
         )
     return GOLDEN_DIR
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def store(redis_proc: RedisProcess, metrics: Metrics) -> Iterator[RedisStore]:
+    """The store on ``redis_proc``; a 1 s socket timeout keeps calls to a stopped Redis short."""
+    s = RedisStore(redis_proc.url, metrics, socket_timeout=1.0)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def raw(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
+    """A plain synchronous client to look behind the store's back."""
+    client = redis.Redis.from_url(redis_proc.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    """A client without httpx timeouts: the code under test sets its own Trio deadlines, and
+    with an autojump clock a pending timeout would be jumped to while a request is on the wire."""
+    async with httpx.AsyncClient(timeout=None) as client:
+        yield client
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every loguru record (DEBUG and up), formatted as ``LEVEL message``."""
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message}")
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)

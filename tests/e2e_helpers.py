@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from phash_trio.jetstream import MalformedFrame, parse_event
-from phash_trio.jobs import POST_COLLECTION
+from phash_trio.jobs import POST_COLLECTION, ImageJob
 from phash_trio.testing.capture import PDS_ONLY_IMAGES, demo_images
 from phash_trio.testing.localnet import LocalNetwork, ServiceProcess, run_local_network
 from phash_trio.testing.redis_server import free_port
@@ -43,15 +43,16 @@ def delivered(events: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 def post_times(events: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """``{uri: time_us}`` of every image post (what must be decided)."""
-    return {job.uri: job.time_us for job in _jobs(events)}
+    return {job.uri: job.time_us for job in jobs_of(events)}
 
 
 def post_blobs(events: Iterable[Mapping[str, Any]]) -> dict[str, tuple[str, ...]]:
     """``{uri: blob CIDs}`` of every image post."""
-    return {job.uri: tuple(b.cid for b in job.blobs) for job in _jobs(events)}
+    return {job.uri: tuple(b.cid for b in job.blobs) for job in jobs_of(events)}
 
 
-def _jobs(events: Iterable[Mapping[str, Any]]) -> list[Any]:
+def jobs_of(events: Iterable[Mapping[str, Any]]) -> list[ImageJob]:
+    """The image-post jobs of ``events``, in order (other and malformed events skipped)."""
     jobs = []
     for event in events:
         try:
@@ -68,7 +69,7 @@ def host_blobs(
 ) -> None:
     """Serve the blobs of events appended after start-up (CDN and PDS), as the network does."""
     by_cid = {net.cdn.cid_for(data): data for data in images.values()}
-    for job in _jobs(events):
+    for job in jobs_of(events):
         net.plc.add(job.did, net.pds.url)
         for blob in job.blobs:
             if blob.cid in by_cid:

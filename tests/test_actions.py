@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ import pytest
 import redis
 import trio
 import trio.testing
-from loguru import logger
 
 from phash_trio.actions import CLAIM_TTL_SECS, Actions, RateSpacer, claim_key, planned_actions
 from phash_trio.breaker import CircuitBreaker
@@ -25,7 +23,6 @@ from phash_trio.model import Rule
 from phash_trio.ozone import OzoneClient, OzoneRejected, OzoneUnavailable
 from phash_trio.store import RedisStore
 from phash_trio.testing.fake_ozone import FakeOzone, run_fake_ozone
-from phash_trio.testing.redis_server import RedisProcess
 
 DID = "did:plc:z72i7hdynmk6r22z27h6tvur"
 OTHER_DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
@@ -75,52 +72,10 @@ def expected_body(kind: ActionKind, j: ImageJob, m: Match, labeler: str) -> dict
 
 
 @pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message}")
-    try:
-        yield lines
-    finally:
-        logger.remove(sink)
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def store(redis_proc: RedisProcess, metrics: Metrics) -> Iterator[RedisStore]:
-    s = RedisStore(redis_proc.url, metrics)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
-def raw(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
-    """A plain client to look behind the store's back."""
-    client = redis.Redis.from_url(redis_proc.url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
 async def fake(nursery: trio.Nursery) -> FakeOzone:
     fake = FakeOzone()
     await nursery.start(run_fake_ozone, fake)
     return fake
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    # No client-side deadlines at all: with an autojump clock a pending timeout would be jumped
-    # to while a request is on the wire.
-    async with httpx.AsyncClient(timeout=None) as client:
-        yield client
 
 
 @pytest.fixture
@@ -161,6 +116,11 @@ def make_actions(
         today=lambda: DAY,
         wall_now=lambda: NOW,
     )
+
+
+def event_types(fake: FakeOzone) -> list[str]:
+    """The event type (``modEventLabel``...) of each event the fake accepted, in order."""
+    return [e["event"]["$type"].rpartition("#")[2] for e in fake.events]
 
 
 SENT_METRIC = {
@@ -284,7 +244,7 @@ async def test_same_post_twice_sends_once(
     # Another post by the same author: the account label is already claimed.
     other = job("3kzzzzzzzzz2x")
     await actions.apply(other, other.blobs[0], m)
-    assert [e["event"]["$type"].rpartition("#")[2] for e in fake.events] == [
+    assert event_types(fake) == [
         "modEventLabel",
         "modEventLabel",
         "modEventLabel",
@@ -311,7 +271,7 @@ async def test_claim_held_elsewhere_is_skipped(
     held = f"claim:post:label:{j.uri}:example-coffee"
     raw.set(held, "1", ex=3600)
     await make_actions(store, ozone, metrics).apply(j, j.blobs[0], m)
-    assert [e["event"]["$type"].rpartition("#")[2] for e in fake.events] == ["modEventReport"]
+    assert event_types(fake) == ["modEventReport"]
     assert metrics.snapshot()["actions_skipped[reason=already_done]"] == 1
     assert 3590 <= raw.ttl(held) <= 3600
     assert raw.get(f"actions:0:example-coffee:{DAY}") == "1"  # the skip used no cap
@@ -356,7 +316,7 @@ async def test_claim_left_pending_by_a_killed_process_is_taken_over(
     raw.set(label_key, "pending:0123456789abcdef", ex=600)
     raw.set(report_key, actions.claim_marker, ex=600)  # ours, left by a failed release
     await actions.apply(j, j.blobs[0], m)
-    assert [e["event"]["$type"].rpartition("#")[2] for e in fake.events] == [
+    assert event_types(fake) == [
         "modEventLabel",
         "modEventReport",
     ]
@@ -451,7 +411,7 @@ async def test_rule_cap_overrides_default(
     m = match(to_label=True, report_post=True, max_actions_per_day=1)
     j = job()
     await actions.apply(j, j.blobs[0], m)
-    assert [e["event"]["$type"].rpartition("#")[2] for e in fake.events] == ["modEventLabel"]
+    assert event_types(fake) == ["modEventLabel"]
     assert metrics.snapshot()["actions_skipped[reason=daily_cap]"] == 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -11,20 +10,8 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
-from loguru import logger
 
 from phash_trio.checkpoint import Checkpointer, CursorFile, CursorTracker, run_checkpointer
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    """Every loguru record, formatted as ``LEVEL message``."""
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message}")
-    try:
-        yield lines
-    finally:
-        logger.remove(sink)
 
 
 @attrs.define

@@ -7,7 +7,7 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,15 +70,6 @@ class World:
 
     def letters(self) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.raw.lrange(DEAD_LETTER_KEY, 0, -1)]
-
-
-@pytest.fixture
-def raw(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_proc.url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture

@@ -9,24 +9,21 @@ throughout (real subprocesses); timeouts are failure guards only.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import trio
-from e2e_helpers import GUARD, delivered, finished, harness, host_blobs, total
+from e2e_helpers import GUARD, delivered, finished, harness, host_blobs, jobs_of, total
 
 from phash_trio.actions import claim_key, planned_actions
 from phash_trio.events import externalid
 from phash_trio.hashing import ImageError, mean_hash
-from phash_trio.jetstream import MalformedFrame, parse_event
-from phash_trio.jobs import ImageJob
 from phash_trio.matching import RuleIndex
 from phash_trio.model import load_rules
 from phash_trio.testing.blobhost import cid_for
@@ -54,18 +51,6 @@ class Expected:
     planned: int
     #: Image posts (jobs) in the capture, by URI.
     posts: dict[str, int]
-
-
-def jobs_of(events: Iterable[Mapping[str, Any]]) -> list[ImageJob]:
-    jobs = []
-    for event in events:
-        try:
-            parsed = parse_event(json.dumps(event))
-        except MalformedFrame:
-            continue
-        if parsed.job is not None:
-            jobs.append(parsed.job)
-    return jobs
 
 
 def expected_actions(events: list[dict[str, Any]], images: Mapping[str, bytes]) -> Expected:

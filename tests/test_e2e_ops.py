@@ -21,13 +21,12 @@ import attrs
 import httpx
 import pytest
 import trio
+from e2e_helpers import finished, host_blobs, jobs_of
 from prometheus_client.parser import text_string_to_metric_families
 
 from phash_trio.actions import planned_actions
 from phash_trio.events import externalid
 from phash_trio.hashing import ImageError, mean_hash
-from phash_trio.jetstream import parse_event
-from phash_trio.jobs import ImageJob
 from phash_trio.matching import RuleIndex
 from phash_trio.model import load_rules
 from phash_trio.testing.blobhost import cid_for
@@ -86,11 +85,6 @@ def build_posts(count: int, *, seed: int, two_every: int = 0) -> list[dict[str, 
     return builder.events
 
 
-def jobs_of(events: list[dict[str, Any]]) -> list[ImageJob]:
-    jobs = [parse_event(json.dumps(event)).job for event in events]
-    return [job for job in jobs if job is not None]
-
-
 @attrs.frozen
 class Expected:
     """What the service must do with a capture under the example rules."""
@@ -120,19 +114,6 @@ def expect(events: list[dict[str, Any]]) -> Expected:
             for kind in planned_actions(match):
                 ids.add(externalid(kind, job.uri if kind.on_post else job.did, match.rule.label))
     return Expected(image_posts(events), blobs, matches, frozenset(ids))
-
-
-def host(net: LocalNetwork, events: list[dict[str, Any]]) -> None:
-    """Put the blobs of ``events`` on the CDN and PDS (for events appended after start)."""
-    for job in jobs_of(events):
-        net.plc.add(job.did, net.pds.url)
-        for blob in job.blobs:
-            net.pds.add(job.did, blob.cid, BY_CID[blob.cid])
-            net.cdn.add(job.did, blob.cid, BY_CID[blob.cid])
-
-
-def all_decided(count: int) -> Callable[[dict[str, float]], bool]:
-    return lambda m: m.get(JOBS, 0) + m.get(DEAD, 0) >= count
 
 
 # -- running the service -----------------------------------------------------------------------
@@ -216,7 +197,7 @@ async def test_redis_outage_mid_run_loses_nothing_and_acts_once(
         assert "redis" in await wait_healthz(client, service, 503)
         await service.wait_for(client, lambda m: m["phash_redis_healthy"] == 0, within=GUARD)
         # The second half of the stream arrives while Redis is down.
-        host(net, rest)
+        host_blobs(net, rest, IMAGES)
         net.replay.append(rest)
         during = await service.wait_for(client, lambda m: m[EVENTS] >= len(events), within=GUARD)
         assert during["phash_redis_healthy"] == 0
@@ -229,7 +210,7 @@ async def test_redis_outage_mid_run_loses_nothing_and_acts_once(
             lambda m: m["phash_redis_healthy"] == 1 and m["phash_redis_reconnects_total"] >= 1,
             within=GUARD,
         )
-        final = await service.wait_for(client, all_decided(len(want.posts)), within=GUARD)
+        final = await service.wait_for(client, finished(len(events), len(want.posts)), within=GUARD)
         code = await stop(service)
         nursery.cancel_scope.cancel()
 
@@ -287,10 +268,10 @@ async def test_metrics_move_during_a_paced_replay(redis_proc: RedisProcess, tmp_
         assert await wait_healthz(client, service, 200) == "ok\n"
         early = await scrape(client)
         assert early[EVENTS] <= len(first)
-        host(net, rest)
+        host_blobs(net, rest, IMAGES)
         net.replay.append(rest)
         await scrape_until(client, lambda m: all(m[k] > early[k] for k in counters))
-        final = await scrape_until(client, all_decided(len(want.posts)))
+        final = await scrape_until(client, finished(len(events), len(want.posts)))
         assert await wait_healthz(client, service, 200) == "ok\n"
         code = await stop(service)
         nursery.cancel_scope.cancel()
@@ -381,9 +362,9 @@ async def test_json_logs_are_json_and_never_carry_secrets(
             client, lambda m: m.get("phash_posts_labeled_total", 0) >= 1, within=GUARD
         )
         net.ozone.expire_access_tokens()  # the next emitEvent meets ExpiredToken: a refresh
-        host(net, rest)
+        host_blobs(net, rest, IMAGES)
         net.replay.append(rest)
-        await service.wait_for(client, all_decided(len(events)), within=GUARD)
+        await service.wait_for(client, finished(len(events), len(events)), within=GUARD)
         code = await stop(service)
         nursery.cancel_scope.cancel()
 

@@ -31,11 +31,6 @@ def worker_deaths(metrics: Metrics) -> float:
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
 def pool(metrics: Metrics) -> Iterator[HashPool]:
     hash_pool = HashPool(2, metrics=metrics)
     yield hash_pool

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,13 +41,6 @@ async def fake(nursery: trio.Nursery, wall: FakeWallClock) -> FakeOzone:
     fake = FakeOzone(wall_clock=wall)
     await nursery.start(run_fake_ozone, fake)
     return fake
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    # No httpx timeouts: the client's own Trio deadline is what is under test.
-    async with httpx.AsyncClient(timeout=None) as client:
-        yield client
 
 
 @pytest.fixture

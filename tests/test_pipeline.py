@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import pytest
 import redis
 import trio
 import trio.testing
-from loguru import logger
 
 from phash_trio.actions import Actions, RateSpacer
 from phash_trio.blobs import BlobFetcher
@@ -211,14 +210,19 @@ class World:
         return [(r.time, r.status) for r in self.fake.calls("emitEvent")]
 
 
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m)), level="DEBUG", format="{level} {message}")
-    try:
-        yield lines
-    finally:
-        logger.remove(sink)
+async def feed_workers(
+    nursery: trio.Nursery, world: World, processor: JobProcessor, jobs: list[ImageJob]
+) -> None:
+    """Start three workers on one channel in ``nursery`` and send them ``jobs`` (each started
+    in the tracker first)."""
+    send, receive = trio.open_memory_channel[ImageJob](len(jobs))
+    async with receive:
+        for _ in range(3):
+            nursery.start_soon(run_worker, processor, receive.clone())
+    async with send:
+        for job in jobs:
+            world.tracker.start_job(job.time_us)
+            await send.send(job)
 
 
 @pytest.fixture
@@ -412,16 +416,9 @@ async def test_ozone_storm_many_workers(
         await world.ozone_transitions.reopened.wait()  # a probe failed: Ozone comes back now
         world.fake.down = False
 
-    send, receive = trio.open_memory_channel[ImageJob](len(jobs))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(end_outage)
-        async with receive:
-            for _ in range(3):
-                nursery.start_soon(run_worker, processor, receive.clone())
-        async with send:
-            for job in jobs:
-                world.tracker.start_job(job.time_us)
-                await send.send(job)
+        await feed_workers(nursery, world, processor, jobs)
 
     assert label_events(world.fake) == sorted(j.uri for j in jobs)
     assert world.dead_letters() == []
@@ -465,17 +462,10 @@ async def test_jobs_poll_while_a_half_open_probe_is_out(world: World) -> None:
         refused_while_probing = int(world.metrics.total("breaker_rejections") - before)
         world.fake.hang = False
 
-    send, receive = trio.open_memory_channel[ImageJob](len(jobs))
     with trio.fail_after(30):  # a guard only
         async with trio.open_nursery() as nursery:
             nursery.start_soon(control)
-            async with receive:
-                for _ in range(3):
-                    nursery.start_soon(run_worker, processor, receive.clone())
-            async with send:
-                for job in jobs:
-                    world.tracker.start_job(job.time_us)
-                    await send.send(job)
+            await feed_workers(nursery, world, processor, jobs)
     # Two waiting jobs, one poll each per 0.25 s: at most 2 * 5 in a second (a spin: hundreds).
     assert 1 <= refused_while_probing <= 10
     assert label_events(world.fake) == sorted(j.uri for j in jobs)

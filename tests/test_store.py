@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 import redis
 import trio
-from loguru import logger
 from trio.testing import MockClock
 
 from phash_trio.metrics import Metrics
@@ -25,30 +23,6 @@ from phash_trio.testing.redis_server import RedisProcess, free_port
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return Metrics()
-
-
-@pytest.fixture
-def store(redis_proc: RedisProcess, metrics: Metrics) -> Iterator[RedisStore]:
-    s = RedisStore(redis_proc.url, metrics, socket_timeout=1.0)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
-def raw(redis_proc: RedisProcess) -> Iterator[redis.Redis]:
-    """A plain synchronous client to look behind the store's back."""
-    client = redis.Redis.from_url(redis_proc.url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        client.close()
-
-
-@pytest.fixture
 def thread_clock() -> MockClock:
     """Autojump clock that waits 0.1 s of real idleness before jumping.
 
@@ -56,18 +30,6 @@ def thread_clock() -> MockClock:
     sees every task blocked), so timing tests of thread-backed calls need a small cushion.
     """
     return MockClock(autojump_threshold=0.1)
-
-
-@pytest.fixture
-def log_lines() -> Iterator[list[str]]:
-    lines: list[str] = []
-    sink = logger.add(
-        lambda m: lines.append(str(m).rstrip()), level="DEBUG", format="{level} {message}"
-    )
-    try:
-        yield lines
-    finally:
-        logger.remove(sink)
 
 
 def dead_url() -> str:
