@@ -14,6 +14,10 @@ libjpeg rejects the *header*; errors in the image data are caught cleanly. The s
 is rebuilt by :mod:`phash_trio._jpeg_markers`, which applies libjpeg's header checks first.
 ``read_jpeg_info`` would check safely but entropy-decodes the whole image and warns on stderr.
 Buffers are sized with libjpeg's own formula (``jdinput.c``: ``ceil(W * h / (max_h * 8))``).
+
+libjpeg reports damaged image data ("Corrupt JPEG data: ...") only as a warning on C's
+``stderr``, which we point at an in-memory stream during the call: the flag tells the caller
+that the reference decoder may have stopped early, and fd 2 stays clean.
 """
 
 from __future__ import annotations
@@ -39,8 +43,24 @@ __all__ = ["Coefficients", "block_dims", "read_coefficients"]
 _LIBRARY_VERSION = "turbo210"
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
-#: C stdio's ``stderr`` variable and a ``FILE *`` on /dev/null; ``()`` where unavailable.
-_muted: tuple[ctypes.c_void_p, int] | tuple[()] | None = None
+_CORRUPT_WARNING = b"Corrupt JPEG data"
+_CAPTURE_LIMIT = 4096  # libjpeg prints its first warning only; never keep more than this
+
+
+@attrs.frozen
+class _Stdio:
+    """C stdio's ``stderr`` variable and the libc calls that redirect it."""
+
+    stderr: ctypes.c_void_p
+    open_memstream: ctypes._NamedFuncPointer | None
+    """None where libc lacks it: warnings then go to a ``FILE *`` on /dev/null, unread."""
+    fclose: ctypes._NamedFuncPointer
+    free: ctypes._NamedFuncPointer
+    devnull: int
+
+
+#: Set on first use; ``()`` where C's ``stderr`` cannot be redirected at all.
+_stdio: _Stdio | tuple[()] | None = None
 
 _short_p = ctypes.POINTER(ctypes.c_short)
 _ushort_p = ctypes.POINTER(ctypes.c_ushort)
@@ -54,6 +74,8 @@ class Coefficients:
     """Per component, shape (block_rows, block_cols, 64), coefficients in natural order."""
     quant: tuple[npt.NDArray[np.uint16], ...]
     """Per component, the 64 quantisation steps in natural order."""
+    corrupt: bool = False
+    """libjpeg warned of corrupt image data (and substituted or skipped some of it)."""
 
 
 def block_dims(structure: JpegStructure) -> list[tuple[int, int]]:
@@ -83,7 +105,7 @@ def read_coefficients(structure: JpegStructure, stream: bytes | None = None) -> 
     pointers += [None] * (4 - len(pointers))
     quant = np.zeros((4, 64), dtype=np.uint16)
     table_of = np.full(4, -1, dtype=np.int16)
-    with _lock, _file_holding(data) as path, _c_stderr_muted():
+    with _lock, _file_holding(data) as path, _c_stderr_captured() as warnings:
         status = _lib().read_jpeg_dct(
             os.fsencode(path),
             *pointers,
@@ -98,7 +120,8 @@ def read_coefficients(structure: JpegStructure, stream: bytes | None = None) -> 
         if not 0 <= slot < 4:
             raise JpegFormatError(f"JPEG component {k} has no quantisation table")
         tables.append(quant[slot].copy())
-    return Coefficients(blocks=tuple(blocks), quant=tuple(tables))
+    corrupt = _CORRUPT_WARNING in bytes(warnings)
+    return Coefficients(blocks=tuple(blocks), quant=tuple(tables), corrupt=corrupt)
 
 
 def _lib() -> ctypes.CDLL:
@@ -119,45 +142,67 @@ def _lib() -> ctypes.CDLL:
     return _library
 
 
-def _open_muted() -> tuple[ctypes.c_void_p, int] | tuple[()]:
+def _open_stdio() -> _Stdio | tuple[()]:
     try:
         libc = ctypes.CDLL(None)
-        fopen = libc.fopen
+        fopen, fclose, free = libc.fopen, libc.fclose, libc.free
     except (OSError, AttributeError):
         return ()
     fopen.restype = ctypes.c_void_p
     fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    fclose.argtypes = [ctypes.c_void_p]
+    free.argtypes = [ctypes.c_void_p]
+    open_memstream = getattr(libc, "open_memstream", None)
+    if open_memstream is not None:
+        open_memstream.restype = ctypes.c_void_p
+        open_memstream.argtypes = [
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.POINTER(ctypes.c_size_t),
+        ]
     for name in ("stderr", "__stderrp"):  # glibc/musl, BSD/macOS
         try:
             variable = ctypes.c_void_p.in_dll(libc, name)
         except ValueError:
             continue
         devnull = fopen(os.fsencode(os.devnull), b"w")
-        return (variable, devnull) if devnull else ()
+        if not devnull:
+            return ()
+        return _Stdio(variable, open_memstream, fclose, free, devnull)
     return ()
 
 
 @contextlib.contextmanager
-def _c_stderr_muted() -> Iterator[None]:
-    """Point C stdio's ``stderr`` at /dev/null meanwhile (call with ``_lock`` held).
+def _c_stderr_captured() -> Iterator[bytearray]:
+    """Point C stdio's ``stderr`` at memory meanwhile; the text lands in the yielded buffer.
 
-    libjpeg prints warnings such as "Corrupt JPEG data: premature end of data segment" with
-    ``fprintf(stderr, ...)``: on the service's fd 2 they would break JSON log lines, and they
-    say nothing our own errors do not. Python writes fd 2 directly, so its output is unaffected.
+    Call with ``_lock`` held. libjpeg prints warnings such as "Corrupt JPEG data: premature
+    end of data segment" with ``fprintf(stderr, ...)``: on the service's fd 2 they would break
+    JSON log lines. Python writes fd 2 directly, so its output is unaffected. Where libc has no
+    ``open_memstream`` the text goes to /dev/null and the buffer stays empty.
     """
-    global _muted
-    if _muted is None:
-        _muted = _open_muted()
-    if not _muted:
-        yield
+    global _stdio
+    if _stdio is None:
+        _stdio = _open_stdio()
+    captured = bytearray()
+    if not _stdio:
+        yield captured
         return
-    variable, devnull = _muted
-    saved = variable.value
-    variable.value = devnull
+    stdio = _stdio
+    buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
+    memory = None
+    if stdio.open_memstream is not None:
+        memory = stdio.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+    saved = stdio.stderr.value
+    stdio.stderr.value = memory or stdio.devnull
     try:
-        yield
+        yield captured
     finally:
-        variable.value = saved
+        stdio.stderr.value = saved
+        if memory:
+            stdio.fclose(memory)  # flushes; buffer and size are valid from here on
+            if buffer.value:
+                captured += ctypes.string_at(buffer.value, min(size.value, _CAPTURE_LIMIT))
+                stdio.free(buffer)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,15 @@ Errors (all :class:`JpegDecodeError`, see :mod:`phash_trio._jpeg_errors` for the
 malformed or non-JPEG data, truncated image data, unsupported codings (12-bit, lossless,
 arithmetic, DNL, 2 components) and images above ``max_pixels``. Only the first image of an
 MPO is decoded. EXIF orientation and ICC profiles are ignored, as by the reference.
+
+Corrupt image data: where libjpeg substitutes zero for an undecodable Huffman code and goes on,
+zune-jpeg stops (see :mod:`phash_trio._jpeg_zune_walk`). For baseline single-scan images we find
+that point and redo its result: the MCU row it stops in is still output, but its blocks from the
+failing one onward hold whatever zune's one-MCU-row buffers held, the previous MCU row's pixels
+(zeros in the first row); all output rows after it stay at 128. With vertical chroma
+subsampling (4:2:0, 4:4:0) zune holds back the last ``max_v`` rows of each MCU row until the
+next one arrives, so those rows stay 128 too; the stale chroma blocks feed the upsampling of
+the rows before them exactly as in zune, since we substitute them in the planes first.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from ._jpeg_errors import (
 )
 from ._jpeg_markers import JpegStructure, read_structure
 from ._jpeg_pixels import ColourModel, assemble, idct_plane
+from ._jpeg_zune_walk import ZuneStop, find_zune_stop
 
 __all__ = [
     "JpegDecodeError",
@@ -52,6 +62,7 @@ def decode_jpeg(data: bytes, *, max_pixels: int = 50_000_000) -> npt.NDArray[np.
     coefficients = read_coefficients(structure)
     if not structure.complete:
         _check_scan_was_complete(structure, coefficients)
+    stop = find_zune_stop(structure) if coefficients.corrupt else None
     planes = [
         _padded(idct_plane(blocks, quant), structure, index)
         for index, (blocks, quant) in enumerate(
@@ -59,7 +70,57 @@ def decode_jpeg(data: bytes, *, max_pixels: int = 50_000_000) -> npt.NDArray[np.
         )
     ]
     ratios = [(structure.max_h // c.h, structure.max_v // c.v) for c in structure.components]
-    return assemble(planes, ratios, structure.width, structure.height, _colour_model(structure))
+    if stop is not None:
+        _keep_stale_blocks(planes, structure, stop)
+    pixels = assemble(planes, ratios, structure.width, structure.height, _colour_model(structure))
+    if stop is not None:
+        pixels[_rows_output(structure, ratios, stop) :] = 128
+    return pixels
+
+
+def _keep_stale_blocks(
+    planes: list[npt.NDArray[np.uint8]], structure: JpegStructure, stop: ZuneStop
+) -> None:
+    """Blocks zune did not decode in the MCU row it stopped in show its buffers' old pixels.
+
+    zune decodes each MCU row into per-component buffers one MCU row tall, never cleared: a
+    block it did not reach still holds the block at the same place one MCU row up, or 0.
+    """
+    single = len(structure.components) == 1
+    first = 0  # index in the MCU of each component's first block
+    for plane, component in zip(planes, structure.components, strict=True):
+        h, v = (1, 1) if single else (component.h, component.v)
+        top, height = stop.row * 8 * v, 8 * v
+        for index in range(h * v):
+            if first + index >= stop.block:
+                y, x = divmod(index, h)
+                _stale(plane, (top + 8 * y, 8), ((stop.col * h + x) * 8, 8), height)
+        _stale(plane, (top, height), ((stop.col + 1) * h * 8, plane.shape[1]), height)
+        first += h * v
+
+
+def _stale(
+    plane: npt.NDArray[np.uint8], rows: tuple[int, int], columns: tuple[int, int], up: int
+) -> None:
+    """Replace the (start, count) ``rows`` and ``columns`` by the pixels ``up`` rows up, or 0."""
+    (top, count), (left, width) = rows, columns
+    target = plane[top : top + count, left : left + width]
+    if top >= up:
+        target[...] = plane[top - up : top - up + count, left : left + width]
+    else:
+        target[...] = 0
+
+
+def _rows_output(structure: JpegStructure, ratios: list[tuple[int, int]], stop: ZuneStop) -> int:
+    """How many image rows zune wrote before stopping; the rest of its buffer stays 128."""
+    if len(structure.components) == 1:
+        return (stop.row + 1) * 8
+    mcu_height = 8 * structure.max_v
+    rows = (stop.row + 1) * mcu_height
+    last_row = -(-structure.height // mcu_height) - 1
+    if stop.row < last_row and any(ratio in {(1, 2), (2, 2)} for ratio in ratios):
+        rows -= structure.max_v  # held back until the next MCU row's chroma arrives
+    return rows
 
 
 def _check_scan_was_complete(structure: JpegStructure, coefficients: Coefficients) -> None:

@@ -18,15 +18,10 @@ _GROUPS = {
 }
 _EXPECTED_ROWS = 746
 
-#: Files we knowingly hash differently, with the reason. The test fails if one of them starts to
-#: match (remove it here) or if any other file differs. 1 of 746 (0.13 %).
-KNOWN_MISSES = {
-    # A deliberately corrupt JPEG (stray markers in the entropy data, restart markers out of
-    # place). libjpeg resynchronises at the next restart marker; zune-jpeg evidently stops and
-    # leaves the rest mid-grey (the reference equals libjpeg's pixels with rows >= 160 set to
-    # 128). Matching it would mean porting zune's Huffman/restart error handling. 24 bits off.
-    "pillow/hopper_bad_exif.jpg": "fcf8f8fcfc3898e0",
-}
+#: Files we knowingly hash differently, path -> our hash, with the reason in a comment. The test
+#: fails if one of them starts to match (remove it here) or if any other file differs. None now:
+#: pillow/hopper_bad_exif.jpg, the last one, matches since jpegdecode emulates zune's stop.
+KNOWN_MISSES: dict[str, str] = {}
 
 
 def _rows(golden_dir: Path, name: str) -> Iterator[tuple[str, str]]:

@@ -16,6 +16,7 @@ from phash_trio._decode import luma_from_rgb8
 from phash_trio._jpeg_coeffs import read_coefficients
 from phash_trio._jpeg_markers import read_structure
 from phash_trio._jpeg_pixels import ColourModel, assemble, idct_plane
+from phash_trio._jpeg_zune_walk import ZuneStop, find_zune_stop
 from phash_trio.hashing import format_hash, hash_gray
 from phash_trio.jpegdecode import (
     JpegDecodeError,
@@ -23,16 +24,13 @@ from phash_trio.jpegdecode import (
     JpegTooLargeError,
     JpegTruncatedError,
     JpegUnsupportedError,
+    _keep_stale_blocks,  # private: block order checked directly
     decode_jpeg,
 )
 
 _JPEG_SUFFIXES = (".jpg", ".jpeg", ".mpo")
-# Golden files whose hash we do not reproduce, and why.
-_KNOWN_MISSES = {
-    # Deliberately corrupt: bogus markers inside the scan and restart markers out of place.
-    # libjpeg resyncs at each restart interval, zune-jpeg recovers its own way; 24 bits off.
-    "pillow/hopper_bad_exif.jpg",
-}
+# Golden files whose hash we do not reproduce, and why (none since zune's stop is emulated).
+_KNOWN_MISSES: set[str] = set()
 # One file per feature; those marked (*) get a different hash from a libjpeg decode (Pillow).
 _FEATURES = {
     "gray-baseline": "photos/jpeg/text_385x148_q87_gray_base.jpg",
@@ -436,3 +434,112 @@ def test_coefficients_come_from_the_first_image_only(golden_dir: Path) -> None:
     assert b"\xff\xe1" not in structure.stream[: structure.stream.index(b"\xff\xda")]
     coefficients = read_coefficients(structure)
     assert [b.shape for b in coefficients.blocks] == [(60, 80, 64), (60, 40, 64), (60, 40, 64)]
+
+
+_BAD_HUFFMAN = "pillow/hopper_bad_exif.jpg"  # gray 500x500, DRI 63, bad code in MCU row 19
+
+
+def _china_with_bad_code(golden_dir: Path) -> bytes:
+    """A 4:2:0 baseline photo with 16 one bits (no Huffman code) put inside MCU row 11."""
+    data = bytearray(_read(golden_dir, "photos/jpeg/china_596x299_q88_420_base_opt.jpg"))
+    data[31796:31800] = b"\xff\x00\xff\x00"
+    return bytes(data)
+
+
+def test_libjpeg_corrupt_data_warning_is_flagged_and_kept_off_fd2(
+    golden_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """libjpeg's "Corrupt JPEG data" warning sets the flag and never reaches file descriptor 2."""
+    bad = read_coefficients(read_structure(_read(golden_dir, _BAD_HUFFMAN), max_pixels=10**6))
+    clean = read_coefficients(read_structure(_hopper(golden_dir), max_pixels=10**6))
+    assert (bad.corrupt, clean.corrupt) == (True, False)
+    assert capfd.readouterr().err == ""
+
+
+def test_zune_walk_stops_at_the_bad_huffman_code(golden_dir: Path) -> None:
+    """The walk stops where zune-jpeg does on hopper_bad_exif.jpg: MCU row 19, column 19."""
+    structure = read_structure(_read(golden_dir, _BAD_HUFFMAN), max_pixels=10**6)
+    assert find_zune_stop(structure) == ZuneStop(row=19, col=19, block=0)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "photos/jpeg/sugarshack_518x450_q75_420_base_rst4.jpg",
+        "photos/jpeg/spitfire_341x226_q88_422_base_opt.jpg",
+        "photos/jpeg/text_385x148_q87_gray_base.jpg",
+    ],
+)
+def test_zune_walk_finds_no_stop_in_clean_files(golden_dir: Path, name: str) -> None:
+    """On clean baseline files (restart markers, 4:2:2, gray) the walk runs to the end: None."""
+    assert find_zune_stop(read_structure(_read(golden_dir, name), max_pixels=10**6)) is None
+
+
+def test_zune_walk_gives_up_beyond_its_block_budget(golden_dir: Path) -> None:
+    """With one block fewer than it takes to reach the stop, the walk gives up with None."""
+    structure = read_structure(_read(golden_dir, _BAD_HUFFMAN), max_pixels=10**6)
+    needed = 19 * 63 + 20  # 63 one-block MCUs a row; the failing MCU counts
+    assert find_zune_stop(structure, max_blocks=needed) == ZuneStop(19, 19, 0)
+    assert find_zune_stop(structure, max_blocks=needed - 1) is None
+
+
+def test_zune_walk_ignores_progressive_files(golden_dir: Path) -> None:
+    """Progressive scans are outside the model: None, libjpeg's decode stands."""
+    name = _FEATURES["420-progressive(*)"]
+    assert find_zune_stop(read_structure(_read(golden_dir, name), max_pixels=10**7)) is None
+
+
+def test_gray_stop_keeps_previous_mcu_row_and_leaves_the_rest_mid_grey(golden_dir: Path) -> None:
+    """From the failing MCU on, row 19 repeats row 18's pixels; lines 160 and below are 128."""
+    data = _read(golden_dir, _BAD_HUFFMAN)
+    coefficients = read_coefficients(read_structure(data, max_pixels=10**6))
+    expected = idct_plane(coefficients.blocks[0], coefficients.quant[0])[:500, :500]
+    expected[152:160, 152:] = expected[144:152, 152:]
+    expected[160:] = 128
+    got = decode_jpeg(data)
+    assert np.array_equal(got, expected)
+    assert format_hash(hash_gray(got)) == _golden(golden_dir)[_BAD_HUFFMAN]
+
+
+def test_subsampled_stop_holds_back_the_last_rows_of_its_mcu_row(golden_dir: Path) -> None:
+    """4:2:0 stop in MCU row 11: rows before it as libjpeg decodes them, rows from 190 on 128."""
+    data = _china_with_bad_code(golden_dir)
+    structure = read_structure(data, max_pixels=10**6)
+    assert find_zune_stop(structure) == ZuneStop(row=11, col=18, block=5)
+    coefficients = read_coefficients(structure)
+    planes = [
+        idct_plane(b, q) for b, q in zip(coefficients.blocks, coefficients.quant, strict=True)
+    ]
+    libjpeg = assemble(planes, [(1, 1), (2, 2), (2, 2)], 596, 299, ColourModel.YCBCR)
+    got = decode_jpeg(data)
+    assert np.array_equal(got[: 11 * 16 - 1], libjpeg[: 11 * 16 - 1])
+    assert (got[12 * 16 - 2 :] == 128).all()
+    assert not (got[12 * 16 - 3] == 128).all()
+
+
+def test_stale_blocks_follow_zunes_block_order() -> None:
+    """Blocks from the failing one on (Y rows, then Cb, Cr) and later MCUs take the row above."""
+    structure = read_structure(_hopper_like_420(), max_pixels=10**6)
+    luma = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32).astype(np.uint8)
+    chroma = np.full((16, 16), 7, dtype=np.uint8)
+    chroma[8:] = 9
+    planes = [luma.copy(), chroma.copy(), chroma.copy()]
+    _keep_stale_blocks(planes, structure, ZuneStop(row=1, col=0, block=3))
+    expected_luma = luma.copy()
+    expected_luma[24:32, 8:16] = luma[8:16, 8:16]  # Y block 3 of MCU (1, 0): bottom right
+    expected_luma[16:32, 16:] = luma[0:16, 16:]  # MCU (1, 1): all four Y blocks
+    assert np.array_equal(planes[0], expected_luma)
+    expected_chroma = chroma.copy()
+    expected_chroma[8:16] = 7  # Cb and Cr of MCUs (1, 0) and (1, 1)
+    assert np.array_equal(planes[1], expected_chroma) and np.array_equal(planes[2], expected_chroma)
+    first_row = [luma.copy(), chroma.copy(), chroma.copy()]
+    _keep_stale_blocks(first_row, structure, ZuneStop(row=0, col=1, block=5))
+    assert np.array_equal(first_row[0], luma) and np.array_equal(first_row[1], chroma)
+    assert (first_row[2][:8, 8:] == 0).all() and (first_row[2][:8, :8] == 7).all()
+
+
+def _hopper_like_420() -> bytes:
+    """A 32x32 4:2:0 baseline JPEG (two by two MCUs) made by libjpeg."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(buffer, "JPEG", subsampling=2)
+    return buffer.getvalue()
