@@ -85,20 +85,7 @@ _EVENT_TYPES = {
 
 
 @attrs.frozen
-class Subject:
-    """Base of the two subject shapes emitEvent accepts."""
-
-    @property
-    def key(self) -> str:
-        """The post URI or the DID: what the subject is, for ids and comments."""
-        raise NotImplementedError
-
-    def to_json(self) -> dict[str, str]:
-        raise NotImplementedError
-
-
-@attrs.frozen
-class PostSubject(Subject):
+class PostSubject:
     """A post record: ``com.atproto.repo.strongRef`` (Ozone needs the CID it judged)."""
 
     uri: str
@@ -113,7 +100,7 @@ class PostSubject(Subject):
 
 
 @attrs.frozen
-class AccountSubject(Subject):
+class AccountSubject:
     """A whole account: ``com.atproto.admin.defs#repoRef``."""
 
     did: str
@@ -126,13 +113,17 @@ class AccountSubject(Subject):
         return {"$type": REPO_REF, "did": self.did}
 
 
+#: The two subject shapes emitEvent accepts; ``.key`` is the post URI or the DID.
+Subject = PostSubject | AccountSubject
+
+
 def externalid(kind: ActionKind, subject: Subject | str, label: str) -> str:
     """Deterministic ``externalId``: same action, subject and label give the same id.
 
     ``subject`` is a :class:`Subject` or its key (post URI or DID). The record CID is left out
     on purpose: the claim keys of skywatch-phash-rs are per URI too.
     """
-    key = subject.key if isinstance(subject, Subject) else subject
+    key = subject if isinstance(subject, str) else subject.key
     digest = hashlib.sha256(f"{kind.value}\x00{key}\x00{label}".encode()).hexdigest()
     return EXTERNAL_ID_PREFIX + digest[:32]
 
