@@ -11,8 +11,6 @@ between small pieces), ``chunked`` (no Content-Length). Every request is logged.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +19,7 @@ import attrs
 import trio
 
 from phash_trio.httpserver import HttpServer, Request, Response, json_response, serve_http
+from phash_trio.testing.jetstream_replay import RAW, fake_cid
 
 __all__ = ["BlobHost", "PlcDirectory", "cid_for", "did_document", "run_blobhost", "run_plc"]
 
@@ -31,10 +30,8 @@ PIECE_BYTES = 16 * 1024
 
 
 def cid_for(data: bytes) -> str:
-    """A real CIDv1 of ``data``: raw codec, sha2-256 multihash, base32 lower, ``b`` prefix."""
-    multihash = bytes([0x12, 0x20]) + hashlib.sha256(data).digest()
-    raw = bytes([0x01, 0x55]) + multihash
-    return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
+    """The real CIDv1 of ``data`` (raw codec, sha2-256), as a PDS names an uploaded blob."""
+    return fake_cid(data, codec=RAW)
 
 
 def _xrpc_error(status: int, error: str, message: str) -> Response:

@@ -8,8 +8,6 @@ embeds, deletes, updates, identity and account events.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -18,6 +16,14 @@ from typing import Any
 import attrs
 
 from phash_trio.testing.blobhost import cid_for
+from phash_trio.testing.jetstream_replay import (
+    DAG_CBOR,
+    fake_cid,
+    identity_event,
+    make_blob,
+    make_event,
+    make_legacy_blob,
+)
 
 __all__ = [
     "DATA_DIR",
@@ -55,9 +61,7 @@ def tid(time_us: int, clock_id: int = 0) -> str:
 
 def record_cid(seed: str) -> str:
     """A syntactically real CIDv1 (dag-cbor, sha2-256) for a record, derived from ``seed``."""
-    digest = hashlib.sha256(seed.encode()).digest()
-    raw = bytes([0x01, 0x71, 0x12, 0x20]) + digest
-    return "b" + base64.b32encode(raw).decode().lower().rstrip("=")
+    return fake_cid(seed, codec=DAG_CBOR)
 
 
 def _did(rng: random.Random) -> str:
@@ -103,13 +107,12 @@ class CaptureBuilder:
     def blob(self, name: str, legacy: bool = False) -> dict[str, Any]:
         data = self.images[name]
         if legacy:
-            return {"cid": cid_for(data), "mimeType": _mime(name)}
-        return {
-            "$type": "blob",
-            "ref": {"$link": cid_for(data)},
-            "mimeType": _mime(name),
-            "size": len(data),
-        }
+            return make_legacy_blob(cid_for(data), mime_type=_mime(name))
+        return make_blob(cid_for(data), mime_type=_mime(name), size=len(data))
+
+    def _add(self, event: dict[str, Any]) -> dict[str, Any]:
+        self.events.append(event)
+        return event
 
     def images_embed(self, names: list[str], legacy: bool = False) -> dict[str, Any]:
         return {
@@ -147,80 +150,38 @@ class CaptureBuilder:
         }
         if embed is not None:
             record["embed"] = embed
-        event = {
-            "did": did,
-            "time_us": time_us,
-            "kind": "commit",
-            "commit": {
-                "rev": tid(time_us, 1),
-                "operation": operation,
-                "collection": "app.bsky.feed.post",
-                "rkey": rkey,
-                "record": record,
-                "cid": record_cid(f"{did}/{rkey}/{operation}"),
-            },
-        }
-        self.events.append(event)
-        return event
+        cid = record_cid(f"{did}/{rkey}/{operation}")
+        return self._add(
+            make_event(did, time_us, operation=operation, rkey=rkey, record=record, cid=cid)
+        )
 
     def delete(self) -> dict[str, Any]:
         time_us = self._tick()
-        event = {
-            "did": self.rng.choice(self.authors),
-            "time_us": time_us,
-            "kind": "commit",
-            "commit": {
-                "rev": tid(time_us, 1),
-                "operation": "delete",
-                "collection": "app.bsky.feed.post",
-                "rkey": tid(time_us - 10**9),
-            },
-        }
-        self.events.append(event)
-        return event
+        did = self.rng.choice(self.authors)
+        return self._add(make_event(did, time_us, operation="delete", rkey=tid(time_us - 10**9)))
 
     def like(self) -> dict[str, Any]:
         time_us = self._tick()
         did = self.rng.choice(self.authors)
-        event = {
-            "did": did,
-            "time_us": time_us,
-            "kind": "commit",
-            "commit": {
-                "rev": tid(time_us, 1),
-                "operation": "create",
-                "collection": "app.bsky.feed.like",
-                "rkey": tid(time_us),
-                "record": {"$type": "app.bsky.feed.like", "createdAt": "2025-11-21T08:00:00Z"},
-                "cid": record_cid(f"like/{time_us}"),
-            },
-        }
-        self.events.append(event)
-        return event
+        record = {"$type": "app.bsky.feed.like", "createdAt": "2025-11-21T08:00:00Z"}
+        return self._add(
+            make_event(
+                did,
+                time_us,
+                collection="app.bsky.feed.like",
+                rkey=tid(time_us),
+                record=record,
+                cid=record_cid(f"like/{time_us}"),
+            )
+        )
 
     def identity(self) -> dict[str, Any]:
         time_us = self._tick()
-        did = self.rng.choice(self.authors)
-        event = {
-            "did": did,
-            "time_us": time_us,
-            "kind": "identity",
-            "identity": {"did": did, "handle": "someone.bsky.social", "seq": time_us, "time": ""},
-        }
-        self.events.append(event)
-        return event
+        return self._add(identity_event(self.rng.choice(self.authors), time_us))
 
     def account(self) -> dict[str, Any]:
         time_us = self._tick()
-        did = self.rng.choice(self.authors)
-        event = {
-            "did": did,
-            "time_us": time_us,
-            "kind": "account",
-            "account": {"active": True, "did": did, "seq": time_us, "time": ""},
-        }
-        self.events.append(event)
-        return event
+        return self._add(identity_event(self.rng.choice(self.authors), time_us, kind="account"))
 
     def quote_with_media(self, names: list[str]) -> dict[str, Any]:
         quoted = f"at://{self.rng.choice(self.authors)}/app.bsky.feed.post/{tid(self.now_us)}"

@@ -48,15 +48,15 @@ __all__ = [
 
 Event = Mapping[str, Any] | str | bytes
 
-_RAW = 0x55
-_DAG_CBOR = 0x71
+RAW = 0x55
+DAG_CBOR = 0x71
 
 
 # --------------------------------------------------------------------------------------------
 # Event builders
 
 
-def fake_cid(seed: str | bytes, *, codec: int = _RAW) -> str:
+def fake_cid(seed: str | bytes, *, codec: int = RAW) -> str:
     """A syntactically real CIDv1 (sha2-256, base32): ``bafkrei...`` for raw, ``bafyrei...``."""
     data = seed.encode() if isinstance(seed, str) else seed
     digest = hashlib.sha256(data).digest()
@@ -107,7 +107,7 @@ def make_event(
     }
     if operation != "delete":
         commit["record"] = dict(record) if record is not None else {"$type": collection}
-        commit["cid"] = cid if cid is not None else fake_cid(f"{did}/{rkey}", codec=_DAG_CBOR)
+        commit["cid"] = cid if cid is not None else fake_cid(f"{did}/{rkey}", codec=DAG_CBOR)
     return {"did": did, "time_us": time_us, "kind": "commit", "commit": commit}
 
 
