@@ -1,12 +1,17 @@
 """Turn a match into Ozone moderation events, each at most once.
 
 For every flag of the matched rule (``toLabel``, ``reportPost``, ``labelAcct``, ``reportAcct``,
-``takedownPost``, ``takedownAcct``) one event is sent. Before each, a Redis claim is taken with
+``takedownPost``, ``takedownAcct``) one event is sent. Each action stands alone: one that Ozone
+refuses or that cannot be sent never stops the others; once all were tried, every failure is
+logged and the job gets one error (a transient one if any was transient, so it is retried; the
+actions already done are claimed and skipped on the retry). Before each, a Redis claim is taken with
 the skywatch-phash-rs key (7-day TTL): its value is ``pending:{this process}`` while the event
 is sent and ``1`` (what the Rust service writes) once Ozone accepted it. A claim that is done,
 or pending in this process, means the action is skipped. A failed send releases the claim so
 the retry can act. A claim left pending by another process (killed mid-send) is taken over and
-the event sent again: Ozone's ``externalId`` refuses a true duplicate, which counts as success.
+the event sent again: Ozone's ``externalId`` refuses a true duplicate, which counts as success,
+and so does an answer saying the effect already holds ("Subject is already taken down": Ozone
+checks the subject's status before the externalId, and a human moderator may have acted first).
 
 A per-rule daily cap stops a bad hash from labelling the whole network: over the cap the action
 is skipped, logged loudly and counted. ``RATE_LIMIT_MS`` spaces every Ozone call across workers.
@@ -25,16 +30,37 @@ import attrs
 import trio
 from loguru import logger
 
-from phash_trio.events import ActionKind, build_event
+from phash_trio.events import ACCOUNT_PERIOD_SECS, REASON_OTHER, ActionKind, build_event
 from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.matching import Match
 from phash_trio.metrics import Metrics
-from phash_trio.ozone import OzoneClient
-from phash_trio.store import CLAIM_PENDING_PREFIX, RedisStore
+from phash_trio.ozone import (
+    OzoneAuthError,
+    OzoneClient,
+    OzoneError,
+    OzoneRejected,
+    OzoneUnavailable,
+)
+from phash_trio.store import CLAIM_PENDING_PREFIX, RedisStore, StoreError
 
-__all__ = ["Actions", "RateSpacer", "claim_key", "planned_actions"]
+__all__ = ["Actions", "ActionsRejected", "RateSpacer", "claim_key", "planned_actions"]
 
-CLAIM_TTL_SECS = 7 * 24 * 3600
+#: Also the period of account-action externalIds (:data:`events.ACCOUNT_PERIOD_SECS`).
+CLAIM_TTL_SECS = ACCOUNT_PERIOD_SECS
+#: Failures a retry of the job may cure.
+_TRANSIENT = (OzoneUnavailable, OzoneAuthError, StoreError)
+
+
+class ActionsRejected(OzoneRejected):
+    """Ozone refused one or more actions of a match for good; ``failures`` names each."""
+
+    def __init__(self, failures: list[tuple[ActionKind, OzoneError]]) -> None:
+        first = failures[0][1]
+        status = first.status if isinstance(first, OzoneRejected) else 400
+        error = first.error if isinstance(first, OzoneRejected) else ""
+        text = "; ".join(f"{kind.value}: {exc}" for kind, exc in failures)
+        super().__init__("actions", status, error, text)
+        self.failures = failures
 
 
 def claim_key(kind: ActionKind, job: ImageJob, label: str) -> str:
@@ -110,12 +136,16 @@ class Actions:
     dry_run: bool = False
     today: Callable[[], str] = _utc_day
     wall_now: Callable[[], datetime] = attrs.field(factory=lambda: lambda: datetime.now(UTC))
+    #: ``reportType`` of report events (OZONE_REPORT_REASON_TYPE).
+    report_reason_type: str = REASON_OTHER
     #: Value of the claims this process is sending (unique per process).
     claim_marker: str = attrs.field(factory=lambda: CLAIM_PENDING_PREFIX + secrets.token_hex(8))
     #: Claim keys this process is sending right now.
     _in_flight: set[str] = attrs.field(factory=set, init=False)
 
-    def _body(self, kind: ActionKind, job: ImageJob, blob: BlobRef, match: Match) -> dict[str, Any]:
+    def _body(
+        self, kind: ActionKind, job: ImageJob, blob: BlobRef, match: Match, created_by: str
+    ) -> dict[str, Any]:
         rule = match.rule
         return build_event(
             kind,
@@ -123,25 +153,46 @@ class Actions:
             post_cid=job.cid,
             did=job.did,
             blob_cid=blob.cid,
+            post_blob_cids=[b.cid for b in job.blobs],
             label=rule.label,
             rule_comment=rule.comment,
             rule_name=rule.label,
             phash_hex=f"{match.phash:016x}",
             matched_hex=f"{match.matched_phash:016x}",
             distance=match.distance,
-            labeler_did=self.labeler_did,
+            created_by=created_by,
             now=self.wall_now(),
+            time_us=job.time_us,
+            reason_type=self.report_reason_type,
         )
 
     async def apply(self, job: ImageJob, blob: BlobRef, match: Match) -> None:
-        """Send every event the rule asks for; raise on a failure that a retry may fix."""
+        """Try every event the rule asks for, each on its own; then raise if any failed.
+
+        Raises the first transient failure (:class:`OzoneUnavailable`, :class:`OzoneAuthError`,
+        :class:`StoreError`) if there was one, else :class:`ActionsRejected` naming every
+        refusal. Cancellation and unexpected errors propagate at once.
+        """
+        failures: list[tuple[ActionKind, OzoneError | StoreError]] = []
         for kind in planned_actions(match):
-            await self._one(kind, job, blob, match)
+            try:
+                await self._one(kind, job, blob, match)
+            except (OzoneError, StoreError) as error:
+                failures.append((kind, error))
+        if not failures:
+            return
+        if len(failures) > 1:
+            for kind, failure in failures:
+                logger.warning("{} for {} failed: {}", kind.value, job.uri, failure)
+        transient = [f for _, f in failures if isinstance(f, _TRANSIENT)]
+        if transient:
+            raise transient[0]
+        raise ActionsRejected([(k, e) for k, e in failures if isinstance(e, OzoneError)])
 
     async def _one(self, kind: ActionKind, job: ImageJob, blob: BlobRef, match: Match) -> None:
         rule = match.rule
-        body = self._body(kind, job, blob, match)
         if self.dry_run or self.ozone is None:
+            body = self._body(kind, job, blob, match, self.labeler_did)
             self.metrics.actions_skipped.labels(reason="dry_run").inc()
             logger.info(
                 "dry-run: would send {} for {} (rule {!r}, distance {}): {}",
@@ -160,12 +211,12 @@ class Actions:
             return
         self._in_flight.add(key)
         try:
-            await self._claim_and_send(kind, job, match, key, body)
+            await self._claim_and_send(kind, job, blob, match, key)
         finally:
             self._in_flight.discard(key)
 
     async def _claim_and_send(
-        self, kind: ActionKind, job: ImageJob, match: Match, key: str, body: dict[str, Any]
+        self, kind: ActionKind, job: ImageJob, blob: BlobRef, match: Match, key: str
     ) -> None:
         rule = match.rule
         claimed = await self.store.until_healthy(
@@ -187,14 +238,19 @@ class Actions:
         cap = self.default_daily_cap if cap is None else cap
         cap_key = f"{match.rule_index}:{rule.label}"
         day = self.today()
+        # True while this action holds one count of the day: it is taken back exactly once,
+        # and only if it was made (an incr that never ran, or a second decr, undercounts).
+        counted = False
         try:
             used = await self.store.until_healthy(
                 lambda: self.store.incr_daily(cap_key, day), "daily counter"
             )
+            counted = True
             if used > cap:
                 await self.store.until_healthy(
                     lambda: self.store.decr_daily(cap_key, day), "daily counter"
                 )
+                counted = False
                 await self.store.until_healthy(lambda: self.store.release(key), "release")
                 self.metrics.actions_skipped.labels(reason="daily_cap").inc()
                 logger.error(
@@ -208,15 +264,21 @@ class Actions:
                 )
                 return
             assert self.ozone is not None  # _one returns early in dry-run
+            session = await self.ozone.ensure_session()
+            body = self._body(kind, job, blob, match, session.did)
             await self.spacer.wait()
             result = await self.ozone.emit_event(body)
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
                     await self.store.release(key)
-                    await self.store.decr_daily(cap_key, day)
                 except Exception as exc:  # the claim expires in 7 days at worst
                     logger.warning("could not release claim {}: {}", key, exc)
+                if counted:
+                    try:
+                        await self.store.decr_daily(cap_key, day)
+                    except Exception as exc:  # the day's count stays one high
+                        logger.warning("could not take back the daily count {}: {}", cap_key, exc)
             raise
         await self.store.until_healthy(
             lambda: self.store.confirm_claim(key, CLAIM_TTL_SECS), f"confirm {key}"
@@ -228,5 +290,9 @@ class Actions:
             job.uri,
             rule.label,
             match.distance,
-            " (Ozone already had it)" if result.duplicate else "",
+            " (Ozone already had it)"
+            if result.duplicate
+            else " (its effect already held)"
+            if result.already_holds
+            else "",
         )

@@ -6,6 +6,13 @@ into the exact JSON body Ozone expects (lexicons ``tools.ozone.moderation.emitEv
 :func:`externalid`) so Ozone itself refuses a repeat with ``DuplicateExternalId``: a crash
 between "Ozone accepted" and "claim recorded" cannot produce a second label or report.
 
+Account actions are keyed by period as well (:func:`account_period`, the 7-day claim TTL, taken
+from the post's Jetstream ``time_us``): a replay of the same post finds the same id, while a
+repeat offender posting again after the claim expired gets a new id and is acted on again.
+
+``createdBy`` is the DID of the session that sends the event: for a moderator token Ozone
+records the token's DID whatever the body says, so the body says the same.
+
 Errors: :class:`EventError` (a ``ValueError``) names the argument that is wrong.
 """
 
@@ -14,33 +21,58 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 
 __all__ = [
+    "ACCOUNT_PERIOD_SECS",
+    "LEGACY_REASON_OTHER",
     "MOD_TOOL_NAME",
+    "REASON_OTHER",
     "AccountSubject",
     "ActionKind",
     "EventError",
     "PostSubject",
     "Subject",
+    "account_period",
     "build_event",
     "comment_text",
     "externalid",
     "format_timestamp",
+    "is_reason_type",
 ]
 
 MOD_TOOL_NAME = "phash-trio"
 EXTERNAL_ID_PREFIX = "phash-trio:"
 
 _DEFS = "tools.ozone.moderation.defs"
-REASON_OTHER = "com.atproto.moderation.defs#reasonOther"
+#: Default report reason: accepted by Ozone with no reasonTypes list, an old-style list (it
+#: maps to ``com.atproto.moderation.defs#reasonOther``) and a new-style list alike.
+REASON_OTHER = "tools.ozone.report.defs#reasonOther"
+#: The old form, refused by a labeler whose reasonTypes list only the new form.
+LEGACY_REASON_OTHER = "com.atproto.moderation.defs#reasonOther"
+#: Account-action externalIds change every this many seconds of post time (= claim TTL).
+ACCOUNT_PERIOD_SECS = 7 * 24 * 3600
 STRONG_REF = "com.atproto.repo.strongRef"
 REPO_REF = "com.atproto.admin.defs#repoRef"
 
 _HEX64_RE = re.compile(r"^[0-9a-f]{16}$")
+_REASON_RE = re.compile(
+    r"^(tools\.ozone\.report\.defs|com\.atproto\.moderation\.defs)#reason[A-Za-z]{1,64}$"
+)
+
+
+def is_reason_type(value: str) -> bool:
+    """True for a report reason token of either lexicon (``...defs#reasonSomething``)."""
+    return bool(_REASON_RE.fullmatch(value))
+
+
+def account_period(time_us: int) -> int:
+    """The period (``ACCOUNT_PERIOD_SECS`` long) a post's Jetstream ``time_us`` falls in."""
+    return time_us // (ACCOUNT_PERIOD_SECS * 1_000_000)
 
 
 class EventError(ValueError):
@@ -117,14 +149,19 @@ class AccountSubject:
 Subject = PostSubject | AccountSubject
 
 
-def externalid(kind: ActionKind, subject: Subject | str, label: str) -> str:
+def externalid(kind: ActionKind, subject: Subject | str, label: str, time_us: int) -> str:
     """Deterministic ``externalId``: same action, subject and label give the same id.
 
     ``subject`` is a :class:`Subject` or its key (post URI or DID). The record CID is left out
-    on purpose: the claim keys of skywatch-phash-rs are per URI too.
+    on purpose: the claim keys of skywatch-phash-rs are per URI too. ``time_us`` (the post's
+    Jetstream time) matters for account kinds only: their id holds its :func:`account_period`,
+    so an account is acted on again once per period at most, like its 7-day claim.
     """
     key = subject if isinstance(subject, str) else subject.key
-    digest = hashlib.sha256(f"{kind.value}\x00{key}\x00{label}".encode()).hexdigest()
+    text = f"{kind.value}\x00{key}\x00{label}"
+    if not kind.on_post:
+        text += f"\x00p{account_period(time_us)}"
+    digest = hashlib.sha256(text.encode()).hexdigest()
     return EXTERNAL_ID_PREFIX + digest[:32]
 
 
@@ -175,17 +212,22 @@ def build_event(
     phash_hex: str,
     matched_hex: str,
     distance: int,
-    labeler_did: str,
+    created_by: str,
     now: datetime,
+    time_us: int,
     blob_cid: str | None = None,
+    post_blob_cids: Sequence[str] = (),
+    reason_type: str = REASON_OTHER,
 ) -> dict[str, Any]:
     """The full emitEvent body for ``kind``.
 
     Post kinds need ``post_uri`` and ``post_cid``; account kinds need ``did`` (``post_uri`` is
     then only used in the comment, to say which post triggered it). ``blob_cid`` (the matched
     image) goes to ``subjectBlobCids`` for post subjects only: Ozone refuses blob CIDs on account
-    subjects, so it is dropped there. ``label`` is part of the externalId for every kind and
-    the label value for label kinds.
+    subjects, so it is dropped there. A post takedown lists ``post_blob_cids`` too (every image
+    of the post, matched one first): Ozone takes down only the blobs it is given. ``label`` is
+    part of the externalId for every kind and the label value for label kinds; ``time_us`` is
+    the post's Jetstream time (see :func:`externalid`); ``reason_type`` goes into reports.
     """
     if not isinstance(kind, ActionKind):
         raise EventError(f"kind: {kind!r} is not an ActionKind")
@@ -199,14 +241,20 @@ def build_event(
         if not subject.key.startswith("did:"):
             raise EventError(f"did: {did!r} is not a DID")
     _require("label", label)
-    if not _require("labeler_did", labeler_did).startswith("did:"):
-        raise EventError(f"labeler_did: {labeler_did!r} is not a DID")
+    if not _require("created_by", created_by).startswith("did:"):
+        raise EventError(f"created_by: {created_by!r} is not a DID")
+    if not is_reason_type(reason_type):
+        raise EventError(f"reason_type: {reason_type!r} is not a report reason token")
+    if isinstance(time_us, bool) or not isinstance(time_us, int) or time_us < 0:
+        raise EventError(f"time_us: {time_us!r} is not a non-negative whole number")
     _check_hex("phash_hex", phash_hex)
     _check_hex("matched_hex", matched_hex)
     if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance <= 64:
         raise EventError(f"distance: {distance!r} is not a whole number from 0 to 64")
     if blob_cid is not None:
         _require("blob_cid", blob_cid)
+    for extra in post_blob_cids:
+        _require("post_blob_cids", extra)
 
     comment = comment_text(
         now=now,
@@ -221,13 +269,13 @@ def build_event(
         event["createLabelVals"] = [label]
         event["negateLabelVals"] = []
     elif kind.verb == "report":
-        event["reportType"] = REASON_OTHER
+        event["reportType"] = reason_type
     event["comment"] = comment
 
     body: dict[str, Any] = {
         "event": event,
         "subject": subject.to_json(),
-        "createdBy": labeler_did,
+        "createdBy": created_by,
         "modTool": {
             "name": MOD_TOOL_NAME,
             "meta": {
@@ -237,8 +285,12 @@ def build_event(
                 "rule": rule_name,
             },
         },
-        "externalId": externalid(kind, subject, label),
+        "externalId": externalid(kind, subject, label, time_us),
     }
-    if kind.on_post and blob_cid is not None:
-        body["subjectBlobCids"] = [blob_cid]
+    if kind.on_post:
+        cids = [] if blob_cid is None else [blob_cid]
+        if kind is ActionKind.TAKEDOWN_POST:
+            cids += [cid for cid in dict.fromkeys(post_blob_cids) if cid != blob_cid]
+        if cids:
+            body["subjectBlobCids"] = cids
     return body

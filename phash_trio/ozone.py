@@ -60,6 +60,13 @@ __all__ = [
 CREATE_SESSION = "com.atproto.server.createSession"
 REFRESH_SESSION = "com.atproto.server.refreshSession"
 EMIT_EVENT = "tools.ozone.moderation.emitEvent"
+GET_CONFIG = "tools.ozone.server.getConfig"
+GET_SERVICES = "app.bsky.labeler.getServices"
+
+#: Refusals that mean the event's effect already holds (Ozone checks the subject's status
+#: before the externalId, so a replayed takedown, or one a human moderator made first, gets
+#: this instead of ``DuplicateExternalId``).
+_ALREADY_HOLDS = frozenset({("InvalidRequest", "Subject is already taken down")})
 
 #: Errors on a bearer token that a new session can cure.
 _TOKEN_ERRORS = frozenset({"ExpiredToken", "InvalidToken"})
@@ -123,6 +130,8 @@ class EmitResult:
     event_id: int | None = None
     #: Ozone already had an event with this ``externalId``: done earlier, counted as success.
     duplicate: bool = False
+    #: Ozone refused it because its effect already holds (subject already taken down).
+    already_holds: bool = False
 
 
 def jwt_claims(token: str) -> dict[str, Any]:
@@ -530,8 +539,12 @@ class OzoneClient:
         *,
         bearer: str | None = None,
         proxy: bool = False,
+        params: dict[str, str | list[str]] | None = None,
     ) -> httpx.Response:
-        """POST with retries; returns the 2xx or final non-429 4xx answer."""
+        """POST ``body`` (or GET with ``params`` for a query) with retries.
+
+        Returns the 2xx or final non-429 4xx answer.
+        """
         url = f"{self._pds}/xrpc/{nsid}"
         headers = {}
         if bearer is not None:
@@ -557,7 +570,10 @@ class OzoneClient:
                 ) from None
             try:
                 with trio.fail_after(self._request_timeout):
-                    response = await self._http.post(url, json=body, headers=headers)
+                    if params is not None:
+                        response = await self._http.get(url, params=params, headers=headers)
+                    else:
+                        response = await self._http.post(url, json=body, headers=headers)
             except (httpx.TransportError, trio.TooSlowError) as exc:
                 self._breaker.record_failure()
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -594,29 +610,28 @@ class OzoneClient:
 
     # -- events ----------------------------------------------------------------------------
 
-    async def emit_event(self, body: dict[str, Any]) -> EmitResult:
-        """Send one emitEvent body (see :func:`phash_trio.events.build_event`).
+    async def _authed(
+        self,
+        nsid: str,
+        body: dict[str, Any] | None = None,
+        *,
+        params: dict[str, str | list[str]] | None = None,
+        proxy: bool = True,
+    ) -> httpx.Response:
+        """A call with the session's bearer token, renewed once on a token error.
 
-        ``DuplicateExternalId`` is a success (``duplicate=True``). Raises
-        :class:`OzoneUnavailable`, :class:`OzoneRejected` or :class:`OzoneAuthError`.
+        Returns the 2xx or the final 4xx answer; raises :class:`OzoneAuthError` when a fresh
+        token is refused too, :class:`OzoneUnavailable` as :meth:`_send` does.
         """
-        event = body.get("event")
-        event_type = event.get("$type", "") if isinstance(event, dict) else ""
-        event_name = str(event_type).rpartition("#")[2] or "unknown"
         for auth_try in (1, 2):
             session = await self.ensure_session()
-            response = await self._send(EMIT_EVENT, body, bearer=session.access_jwt, proxy=True)
+            response = await self._send(
+                nsid, body, bearer=session.access_jwt, proxy=proxy, params=params
+            )
             status = response.status_code
             if status < 400:
-                return self._accepted(response, event_name)
+                return response
             error, message = _xrpc_error(response)
-            if error == "DuplicateExternalId":
-                logger.debug(
-                    "{} already in Ozone (externalId {})", event_name, body.get("externalId")
-                )
-                if self._metrics is not None:
-                    self._metrics.ozone_events.labels(event=event_name).inc()
-                return EmitResult(duplicate=True)
             if error in _TOKEN_ERRORS and status in (400, 401):
                 if auth_try == 1:
                     logger.info("Ozone answered {}; renewing the session, retrying once", error)
@@ -624,18 +639,88 @@ class OzoneClient:
                     continue
                 logger.error("Ozone refused a fresh session token: {}: {}", error, message)
                 self._count_error("auth")
-                raise OzoneAuthError(EMIT_EVENT, status, error, message)
-            logger.warning(
-                "Ozone rejected {} (externalId {}): HTTP {} {}: {}",
-                event_name,
-                body.get("externalId"),
-                status,
-                error,
-                message,
-            )
-            self._count_error("rejected")
-            raise OzoneRejected(EMIT_EVENT, status, error, message)
+                raise OzoneAuthError(nsid, status, error, message)
+            return response
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def emit_event(self, body: dict[str, Any]) -> EmitResult:
+        """Send one emitEvent body (see :func:`phash_trio.events.build_event`).
+
+        ``DuplicateExternalId`` is a success (``duplicate=True``), and so is an answer saying
+        the effect already holds (``already_holds=True``). Raises :class:`OzoneUnavailable`,
+        :class:`OzoneRejected` or :class:`OzoneAuthError`.
+        """
+        event = body.get("event")
+        event_type = event.get("$type", "") if isinstance(event, dict) else ""
+        event_name = str(event_type).rpartition("#")[2] or "unknown"
+        response = await self._authed(EMIT_EVENT, body)
+        status = response.status_code
+        if status < 400:
+            return self._accepted(response, event_name)
+        error, message = _xrpc_error(response)
+        if (error, message) in _ALREADY_HOLDS:
+            logger.info(
+                "{} not needed: {} (externalId {})", event_name, message, body.get("externalId")
+            )
+            if self._metrics is not None:
+                self._metrics.ozone_events.labels(event=event_name).inc()
+            return EmitResult(already_holds=True)
+        if error == "DuplicateExternalId":
+            logger.debug("{} already in Ozone (externalId {})", event_name, body.get("externalId"))
+            if self._metrics is not None:
+                self._metrics.ozone_events.labels(event=event_name).inc()
+            return EmitResult(duplicate=True)
+        logger.warning(
+            "Ozone rejected {} (externalId {}): HTTP {} {}: {}",
+            event_name,
+            body.get("externalId"),
+            status,
+            error,
+            message,
+        )
+        self._count_error("rejected")
+        raise OzoneRejected(EMIT_EVENT, status, error, message)
+
+    async def _query_json(self, nsid: str, params: dict[str, str | list[str]], proxy: bool) -> Any:
+        response = await self._authed(nsid, params=params, proxy=proxy)
+        if response.status_code >= 400:
+            error, message = _xrpc_error(response)
+            raise OzoneRejected(nsid, response.status_code, error, message)
+        try:
+            return response.json()
+        except ValueError:
+            raise OzoneRejected(nsid, response.status_code, "", "answer is not JSON") from None
+
+    async def viewer_role(self) -> str:
+        """The session's role on the labeler's Ozone (``tools.ozone.server.getConfig``).
+
+        A ``tools.ozone.team.defs#role…`` token, or ``""`` when the answer names none. An
+        account that is no member of the Ozone team gets :class:`OzoneRejected` (401).
+        """
+        data = await self._query_json(GET_CONFIG, {}, proxy=True)
+        viewer = data.get("viewer") if isinstance(data, dict) else None
+        role = viewer.get("role") if isinstance(viewer, dict) else None
+        return role if isinstance(role, str) else ""
+
+    async def labeler_view(self) -> dict[str, Any] | None:
+        """The labeler's detailed view from the AppView (through the PDS), or None.
+
+        ``app.bsky.labeler.getServices`` with ``detailed=true`` is what Ozone itself reads to
+        judge report reason types, so its ``reasonTypes`` and ``policies`` are the ones that
+        count. None when the AppView knows no service record for ``LABELER_DID``.
+        """
+        data = await self._query_json(
+            GET_SERVICES, {"dids": [self._labeler_did], "detailed": "true"}, proxy=False
+        )
+        views = data.get("views") if isinstance(data, dict) else None
+        if not isinstance(views, list):
+            return None
+        for view in views:
+            creator = view.get("creator") if isinstance(view, dict) else None
+            if isinstance(creator, dict) and creator.get("did") == self._labeler_did:
+                found: dict[str, Any] = view
+                return found
+        return None
 
     def _accepted(self, response: httpx.Response, event_name: str) -> EmitResult:
         if self._metrics is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,21 +14,37 @@ import redis
 import trio
 import trio.testing
 
-from phash_trio.actions import CLAIM_TTL_SECS, Actions, RateSpacer, claim_key, planned_actions
+from phash_trio.actions import (
+    CLAIM_TTL_SECS,
+    Actions,
+    ActionsRejected,
+    RateSpacer,
+    claim_key,
+    planned_actions,
+)
 from phash_trio.breaker import CircuitBreaker
-from phash_trio.events import ActionKind, build_event, externalid
+from phash_trio.events import (
+    LEGACY_REASON_OTHER,
+    REASON_OTHER,
+    ActionKind,
+    build_event,
+    externalid,
+)
 from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.matching import Match
 from phash_trio.metrics import Metrics
 from phash_trio.model import Rule
 from phash_trio.ozone import OzoneClient, OzoneRejected, OzoneUnavailable
-from phash_trio.store import RedisStore
-from phash_trio.testing.fake_ozone import FakeOzone, run_fake_ozone
+from phash_trio.store import RedisStore, StoreError
+from phash_trio.testing.fake_ozone import ROLE_TRIAGE, FakeOzone, labeler_record, run_fake_ozone
+from phash_trio.testing.redis_server import RedisProcess
 
 DID = "did:plc:z72i7hdynmk6r22z27h6tvur"
 OTHER_DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
 POST_CID = "bafyreia3tbsfxe3cc75xrxyyn6qc42oupi73fxiox76prlyi5bpb4ihhtq"
 BLOB_CID = "bafkreibme22gw2h7y2h7tg2fhqotaqjucnbc24deqo72b6mkl2egezxhvy"
+OTHER_BLOB = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+THIRD_BLOB = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
 NOW = datetime(2025, 11, 21, 8, 30, 0, 123000, tzinfo=UTC)
 DAY = "2025-11-21"
 PHASH = 0xFCFCFDD9810181C3
@@ -53,20 +70,22 @@ def match(rule_index: int = 0, label: str = "example-coffee", **flags: Any) -> M
     return Match(rule=rule, rule_index=rule_index, phash=PHASH, matched_phash=LISTED, distance=2)
 
 
-def expected_body(kind: ActionKind, j: ImageJob, m: Match, labeler: str) -> dict[str, Any]:
+def expected_body(kind: ActionKind, j: ImageJob, m: Match, created_by: str) -> dict[str, Any]:
     return build_event(
         kind,
         post_uri=j.uri,
         post_cid=j.cid,
         did=j.did,
         blob_cid=j.blobs[0].cid,
+        post_blob_cids=[b.cid for b in j.blobs],
+        time_us=j.time_us,
         label=m.rule.label,
         rule_comment=m.rule.comment,
         rule_name=m.rule.label,
         phash_hex=f"{PHASH:016x}",
         matched_hex=f"{LISTED:016x}",
         distance=2,
-        labeler_did=labeler,
+        created_by=created_by,
         now=NOW,
     )
 
@@ -148,7 +167,7 @@ async def test_each_flag_sends_exactly_its_event(
     j, m = job(), match(**{flag: True})
     await make_actions(store, ozone, metrics).apply(j, j.blobs[0], m)
 
-    body = expected_body(kind, j, m, fake.labeler_did)
+    body = expected_body(kind, j, m, fake.did)
     assert fake.events == [body]
     sent = fake.events[0]
     subject_key = j.uri if kind.on_post else j.did
@@ -163,7 +182,7 @@ async def test_each_flag_sends_exactly_its_event(
         assert sent["subject"] == {"$type": "com.atproto.admin.defs#repoRef", "did": DID}
         assert "subjectBlobCids" not in sent
     assert sent["event"]["$type"] == f"tools.ozone.moderation.defs#{kind.event_type}"
-    assert sent["createdBy"] == fake.labeler_did
+    assert sent["createdBy"] == fake.did
     assert sent["modTool"] == {
         "name": "phash-trio",
         "meta": {
@@ -173,7 +192,7 @@ async def test_each_flag_sends_exactly_its_event(
             "rule": "example-coffee",
         },
     }
-    assert sent["externalId"] == externalid(kind, subject_key, "example-coffee")
+    assert sent["externalId"] == externalid(kind, subject_key, "example-coffee", j.time_us)
 
     key = {
         ActionKind.LABEL_POST: f"claim:post:label:{j.uri}:example-coffee",
@@ -219,7 +238,7 @@ async def test_all_flags_in_fixed_order(
     ]
     assert planned_actions(m) == order
     await make_actions(store, ozone, metrics).apply(j, j.blobs[0], m)
-    assert fake.events == [expected_body(k, j, m, fake.labeler_did) for k in order]
+    assert fake.events == [expected_body(k, j, m, fake.did) for k in order]
     assert metrics.total("actions_skipped") == 0
 
 
@@ -350,27 +369,182 @@ async def test_ozone_failure_releases_the_claim(
     assert raw.keys("claim:*") == []
     assert raw.get(f"actions:0:example-coffee:{DAY}") == "0"
     await actions.apply(j, j.blobs[0], m)
-    assert fake.events == [expected_body(ActionKind.LABEL_POST, j, m, fake.labeler_did)]
+    assert fake.events == [expected_body(ActionKind.LABEL_POST, j, m, fake.did)]
     assert raw.keys("claim:*") == [f"claim:post:label:{j.uri}:example-coffee"]
     assert raw.get(f"actions:0:example-coffee:{DAY}") == "1"
 
 
-async def test_ozone_rejection_releases_the_claim(
+async def test_ozone_rejection_releases_the_claim_and_the_rest_still_runs(
     store: RedisStore,
     ozone: OzoneClient,
     fake: FakeOzone,
     metrics: Metrics,
     raw: redis.Redis,
 ) -> None:
-    """A refused event (4xx) raises OzoneRejected and leaves no claim behind."""
+    """A refused event (4xx) leaves no claim behind, the rule's next action is still sent and
+    confirmed, and the job gets an ActionsRejected naming the refused one."""
     j, m = job(), match(to_label=True, report_post=True)
     await ozone.ensure_session()
     fake.fail_next(1, 400)
-    with pytest.raises(OzoneRejected):
+    with pytest.raises(ActionsRejected) as caught:
         await make_actions(store, ozone, metrics).apply(j, j.blobs[0], m)
-    assert fake.events == []
-    assert raw.keys("claim:*") == []
+    assert [kind for kind, _ in caught.value.failures] == [ActionKind.LABEL_POST]
+    assert isinstance(caught.value, OzoneRejected)
+    assert event_types(fake) == ["modEventReport"]
+    assert raw.keys("claim:*") == [f"claim:post:report:{j.uri}:example-coffee"]
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "1"
     assert metrics.snapshot()["ozone_errors[kind=rejected]"] == 1
+
+
+async def test_every_refusal_is_reported_and_no_action_stops_another(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+    log_lines: list[str],
+) -> None:
+    """A triage account may report but not label or take down: both refusals are named in the
+    one error and logged, while the two reports between them are sent."""
+    fake.role = ROLE_TRIAGE
+    j = job()
+    m = match(to_label=True, report_post=True, report_acct=True, takedown_post=True)
+    with pytest.raises(ActionsRejected) as caught:
+        await make_actions(store, ozone, metrics).apply(j, j.blobs[0], m)
+    failed = [kind for kind, _ in caught.value.failures]
+    assert failed == [ActionKind.LABEL_POST, ActionKind.TAKEDOWN_POST]
+    assert "label_post: " in str(caught.value) and "takedown_post: " in str(caught.value)
+    assert "Must be a full moderator" in str(caught.value)
+    assert event_types(fake) == ["modEventReport", "modEventReport"]
+    assert sorted(raw.keys("claim:*")) == [
+        f"claim:account:report:{DID}:example-coffee",
+        f"claim:post:report:{j.uri}:example-coffee",
+    ]
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "2"
+    assert sum("failed: " in line and j.uri in line for line in log_lines) == 2
+
+
+async def test_transient_failure_of_one_action_is_raised_after_the_others_ran(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+) -> None:
+    """Ozone down for the label's three tries: the report still goes out, the job gets the
+    OzoneUnavailable (so it is retried), and the retry sends only the label."""
+    j, m = job(), match(to_label=True, report_post=True)
+    actions = make_actions(store, ozone, metrics)
+    await ozone.ensure_session()
+    fake.fail_next(3, 503)
+    with pytest.raises(OzoneUnavailable):
+        await actions.apply(j, j.blobs[0], m)
+    assert event_types(fake) == ["modEventReport"]
+    await actions.apply(j, j.blobs[0], m)
+    assert event_types(fake) == ["modEventReport", "modEventLabel"]
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "2"
+
+
+async def test_already_taken_down_confirms_the_claim_and_the_account_takedown_is_sent(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+    log_lines: list[str],
+) -> None:
+    """A post a human took down first answers "Subject is already taken down": the claim is
+    confirmed (no replay sends it again), and the rule's account takedown still goes out."""
+    j, m = job(), match(takedown_post=True, takedown_acct=True)
+    fake.take_down(j.uri)
+    actions = make_actions(store, ozone, metrics)
+    await actions.apply(j, j.blobs[0], m)
+    assert [r.status for r in fake.calls("emitEvent")] == [400, 200]
+    assert event_types(fake) == ["modEventTakedown"]
+    assert fake.events[0]["subject"] == {"$type": "com.atproto.admin.defs#repoRef", "did": DID}
+    assert raw.get(f"claim:post:takedown:{j.uri}") == "1"
+    assert raw.get(f"claim:account:takedown:{DID}") == "1"
+    assert any("its effect already held" in line for line in log_lines)
+    assert metrics.total("ozone_errors") == 0
+
+    fake.requests.clear()
+    await actions.apply(j, j.blobs[0], m)
+    assert fake.calls("emitEvent") == []
+
+
+async def test_replayed_takedown_without_claims_is_not_an_error(
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+) -> None:
+    """With the Redis claims gone, a replay of a takedown gets "already taken down" from Ozone
+    (not DuplicateExternalId) and counts as done."""
+    j, m = job(), match(takedown_post=True)
+    actions = make_actions(store, ozone, metrics)
+    await actions.apply(j, j.blobs[0], m)
+    raw.flushdb()
+    await actions.apply(j, j.blobs[0], m)
+    assert [r.status for r in fake.calls("emitEvent")] == [200, 400]
+    assert len(fake.events) == 1
+    assert raw.get(f"claim:post:takedown:{j.uri}") == "1"
+
+
+async def test_post_takedown_takes_down_every_blob_of_the_post(
+    store: RedisStore, ozone: OzoneClient, fake: FakeOzone, metrics: Metrics
+) -> None:
+    """The job knows all images of the post; the takedown lists each, matched one first."""
+    blobs = (BlobRef(BLOB_CID), BlobRef(OTHER_BLOB), BlobRef(THIRD_BLOB))
+    j = ImageJob(did=DID, rkey="3kabcdefghi2x", cid=POST_CID, time_us=1, blobs=blobs)
+    await make_actions(store, ozone, metrics).apply(j, blobs[1], match(takedown_post=True))
+    assert fake.events[0]["subjectBlobCids"] == [OTHER_BLOB, BLOB_CID, THIRD_BLOB]
+    assert fake.taken_down_blobs == {BLOB_CID, OTHER_BLOB, THIRD_BLOB}
+
+
+async def test_created_by_is_the_session_did_not_the_labeler(
+    store: RedisStore, ozone: OzoneClient, fake: FakeOzone, metrics: Metrics
+) -> None:
+    """The body's createdBy is the automod account's DID (what Ozone records for it)."""
+    j = job()
+    await make_actions(store, ozone, metrics).apply(j, j.blobs[0], match(report_post=True))
+    assert fake.received_created_by == [fake.did]
+    assert fake.did != LABELER
+
+
+@pytest.mark.parametrize(
+    ("listed", "reason", "accepted"),
+    [
+        (None, REASON_OTHER, True),
+        (None, LEGACY_REASON_OTHER, True),
+        ([LEGACY_REASON_OTHER], REASON_OTHER, True),
+        ([REASON_OTHER], REASON_OTHER, True),
+        ([REASON_OTHER], LEGACY_REASON_OTHER, False),
+        (["tools.ozone.report.defs#reasonSexualNCII"], REASON_OTHER, False),
+    ],
+)
+async def test_report_reason_type_against_the_labelers_list(
+    listed: list[str] | None,
+    reason: str,
+    accepted: bool,
+    store: RedisStore,
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+) -> None:
+    """The reason is a setting; the default new form passes every list Ozone was seen to
+    accept, the old form is refused by a labeler that lists only new-form reasons."""
+    fake.service_record = labeler_record(["example-coffee"], reason_types=listed)
+    actions = make_actions(store, ozone, metrics)
+    actions.report_reason_type = reason
+    j = job()
+    if accepted:
+        await actions.apply(j, j.blobs[0], match(report_post=True))
+        assert fake.events[0]["event"]["reportType"] == reason
+    else:
+        with pytest.raises(ActionsRejected, match=f"Invalid reason type: {reason}"):
+            await actions.apply(j, j.blobs[0], match(report_post=True))
+        assert fake.events == []
 
 
 async def test_daily_cap(
@@ -478,3 +652,63 @@ async def test_rate_limit_spaces_ozone_calls(
     arrivals = [r.time - start for r in fake.calls("emitEvent")]
     assert arrivals == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
     assert len(fake.events) == 6
+
+
+@pytest.fixture
+def limited_store(
+    redis_proc: RedisProcess, raw: redis.Redis, metrics: Metrics
+) -> Iterator[Callable[[str], RedisStore]]:
+    """Stores logged in as a Redis ACL user refused one command (a real NOPERM error)."""
+    made: list[tuple[str, RedisStore]] = []
+
+    def make(refused: str) -> RedisStore:
+        user = f"no-{refused}"
+        raw.acl_setuser(user, enabled=True, nopass=True, keys=["*"], channels=["*"],
+                        commands=["+@all", f"-{refused}"])  # fmt: skip
+        url = redis_proc.url.replace("redis://", f"redis://{user}:x@")
+        made.append((user, RedisStore(url, metrics, socket_timeout=1.0)))
+        return made[-1][1]
+
+    yield make
+    for user, s in made:
+        s.close()
+        raw.acl_deluser(user)
+
+
+async def test_daily_count_is_not_taken_back_when_it_was_never_made(
+    limited_store: Callable[[str], RedisStore],
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+) -> None:
+    """INCRBY refused (NOPERM): the action fails without touching the day's count, which used
+    to be decremented anyway and let a bad rule past its cap."""
+    raw.set(f"actions:0:example-coffee:{DAY}", 5)
+    j = job()
+    with pytest.raises(StoreError):
+        await make_actions(limited_store("incrby"), ozone, metrics).apply(
+            j, j.blobs[0], match(to_label=True)
+        )
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "5"
+    assert raw.keys("claim:*") == []
+    assert fake.events == []
+
+
+async def test_daily_count_over_the_cap_is_taken_back_once(
+    limited_store: Callable[[str], RedisStore],
+    ozone: OzoneClient,
+    fake: FakeOzone,
+    metrics: Metrics,
+    raw: redis.Redis,
+) -> None:
+    """Over the cap the count is taken back; when releasing the claim then fails (DEL
+    refused), the count is not taken back a second time."""
+    raw.set(f"actions:0:example-coffee:{DAY}", 2)
+    j = job()
+    with pytest.raises(StoreError):
+        await make_actions(limited_store("del"), ozone, metrics, cap=2).apply(
+            j, j.blobs[0], match(to_label=True)
+        )
+    assert raw.get(f"actions:0:example-coffee:{DAY}") == "2"
+    assert fake.events == []

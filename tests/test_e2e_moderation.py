@@ -77,7 +77,7 @@ def expected_actions(events: list[dict[str, Any]], images: Mapping[str, bytes]) 
                 action = (
                     subject,
                     kind.event_type,
-                    externalid(kind, subject, match.rule.label),
+                    externalid(kind, subject, match.rule.label, job.time_us),
                 )
                 claimed.setdefault(claim_key(kind, job, match.rule.label), action)
     return Expected(frozenset(claimed.values()), planned, {j.uri: j.time_us for j in jobs})

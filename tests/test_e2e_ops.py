@@ -112,7 +112,8 @@ def expect(events: list[dict[str, Any]]) -> Expected:
                 continue
             matches += 1
             for kind in planned_actions(match):
-                ids.add(externalid(kind, job.uri if kind.on_post else job.did, match.rule.label))
+                subject = job.uri if kind.on_post else job.did
+                ids.add(externalid(kind, subject, match.rule.label, job.time_us))
     return Expected(image_posts(events), blobs, matches, frozenset(ids))
 
 

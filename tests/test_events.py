@@ -8,20 +8,28 @@ from typing import Any
 import pytest
 
 from phash_trio.events import (
+    ACCOUNT_PERIOD_SECS,
+    LEGACY_REASON_OTHER,
+    REASON_OTHER,
     AccountSubject,
     ActionKind,
     EventError,
     PostSubject,
+    account_period,
     build_event,
     externalid,
     format_timestamp,
+    is_reason_type,
 )
 
 DID = "did:plc:z72i7hdynmk6r22z27h6tvur"
 URI = f"at://{DID}/app.bsky.feed.post/3kabcdefghi2x"
 POST_CID = "bafyreia3tbsfxe3cc75xrxyyn6qc42oupi73fxiox76prlyi5bpb4ihhtq"
 BLOB_CID = "bafkreibme22gw2h7y2h7tg2fhqotaqjucnbc24deqo72b6mkl2egezxhvy"
-LABELER = "did:plc:ar7c4by46qjdydhdevvrndac"
+OTHER_BLOB = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+#: The session's DID (the automod account), what Ozone records as createdBy.
+ACTOR = "did:plc:ar7c4by46qjdydhdevvrndac"
+TIME_US = 1_740_832_245_123_456
 NOW = datetime(2025, 3, 1, 12, 30, 45, 123456, tzinfo=UTC)
 META = {
     "phash": "e0f0f8fcfefe7e3c",
@@ -47,8 +55,9 @@ def _build(kind: ActionKind, **overrides: Any) -> dict[str, Any]:
         "phash_hex": "e0f0f8fcfefe7e3c",
         "matched_hex": "e0f0f8fcfefe7e3d",
         "distance": 1,
-        "labeler_did": LABELER,
+        "created_by": ACTOR,
         "now": NOW,
+        "time_us": TIME_US,
         "blob_cid": BLOB_CID,
     }
     args.update(overrides)
@@ -66,24 +75,24 @@ def test_label_post_body_matches_lexicon() -> None:
         },
         "subject": {"$type": "com.atproto.repo.strongRef", "uri": URI, "cid": POST_CID},
         "subjectBlobCids": [BLOB_CID],
-        "createdBy": LABELER,
+        "createdBy": ACTOR,
         "modTool": {"name": "phash-trio", "meta": META},
-        "externalId": externalid(ActionKind.LABEL_POST, URI, "spam"),
+        "externalId": externalid(ActionKind.LABEL_POST, URI, "spam", TIME_US),
     }
 
 
 def test_report_account_body_matches_lexicon() -> None:
-    """An account report is a modEventReport (reasonOther) on a repoRef, with no blob CIDs."""
+    """An account report is a modEventReport (new-form reasonOther) on a repoRef, no blob CIDs."""
     assert _build(ActionKind.REPORT_ACCOUNT) == {
         "event": {
             "$type": DEFS + "modEventReport",
-            "reportType": "com.atproto.moderation.defs#reasonOther",
+            "reportType": "tools.ozone.report.defs#reasonOther",
             "comment": COMMENT,
         },
         "subject": {"$type": "com.atproto.admin.defs#repoRef", "did": DID},
-        "createdBy": LABELER,
+        "createdBy": ACTOR,
         "modTool": {"name": "phash-trio", "meta": META},
-        "externalId": externalid(ActionKind.REPORT_ACCOUNT, DID, "spam"),
+        "externalId": externalid(ActionKind.REPORT_ACCOUNT, DID, "spam", TIME_US),
     }
 
 
@@ -91,7 +100,7 @@ def test_report_account_body_matches_lexicon() -> None:
     ("kind", "event"),
     [
         (ActionKind.REPORT_POST, {"$type": DEFS + "modEventReport",
-                                  "reportType": "com.atproto.moderation.defs#reasonOther"}),
+                                  "reportType": "tools.ozone.report.defs#reasonOther"}),
         (ActionKind.TAKEDOWN_POST, {"$type": DEFS + "modEventTakedown"}),
         (ActionKind.COMMENT_POST, {"$type": DEFS + "modEventComment"}),
     ],
@@ -102,9 +111,9 @@ def test_other_post_kinds(kind: ActionKind, event: dict[str, Any]) -> None:
         "event": {**event, "comment": COMMENT},
         "subject": {"$type": "com.atproto.repo.strongRef", "uri": URI, "cid": POST_CID},
         "subjectBlobCids": [BLOB_CID],
-        "createdBy": LABELER,
+        "createdBy": ACTOR,
         "modTool": {"name": "phash-trio", "meta": META},
-        "externalId": externalid(kind, URI, "spam"),
+        "externalId": externalid(kind, URI, "spam", TIME_US),
     }
 
 
@@ -122,9 +131,9 @@ def test_other_account_kinds(kind: ActionKind, event: dict[str, Any]) -> None:
     assert _build(kind) == {
         "event": {**event, "comment": COMMENT},
         "subject": {"$type": "com.atproto.admin.defs#repoRef", "did": DID},
-        "createdBy": LABELER,
+        "createdBy": ACTOR,
         "modTool": {"name": "phash-trio", "meta": META},
-        "externalId": externalid(kind, DID, "spam"),
+        "externalId": externalid(kind, DID, "spam", TIME_US),
     }
 
 
@@ -141,16 +150,54 @@ def test_account_comment_names_the_did_without_a_post() -> None:
 
 def test_externalid_is_deterministic_and_distinct() -> None:
     """Same kind, subject and label give the same id; changing any one gives another."""
-    first = externalid(ActionKind.LABEL_POST, URI, "spam")
-    assert first == externalid(ActionKind.LABEL_POST, PostSubject(URI, "othercid"), "spam")
+    first = externalid(ActionKind.LABEL_POST, URI, "spam", TIME_US)
+    assert first == externalid(ActionKind.LABEL_POST, PostSubject(URI, "othercid"), "spam", 0)
     assert first.startswith("phash-trio:") and len(first) == len("phash-trio:") + 32
     others = {
-        externalid(ActionKind.REPORT_POST, URI, "spam"),
-        externalid(ActionKind.LABEL_POST, URI + "x", "spam"),
-        externalid(ActionKind.LABEL_POST, URI, "porn"),
-        externalid(ActionKind.LABEL_ACCOUNT, AccountSubject(DID), "spam"),
+        externalid(ActionKind.REPORT_POST, URI, "spam", TIME_US),
+        externalid(ActionKind.LABEL_POST, URI + "x", "spam", TIME_US),
+        externalid(ActionKind.LABEL_POST, URI, "porn", TIME_US),
+        externalid(ActionKind.LABEL_ACCOUNT, AccountSubject(DID), "spam", TIME_US),
     }
     assert first not in others and len(others) == 4
+
+
+def test_account_externalid_changes_once_per_claim_period() -> None:
+    """Account ids are the same within one 7-day period of post time and differ across it,
+    so a repeat offender is acted on again once the claim has expired; post ids never change."""
+    period_us = ACCOUNT_PERIOD_SECS * 1_000_000
+    assert ACCOUNT_PERIOD_SECS == 7 * 24 * 3600
+    start = account_period(TIME_US) * period_us
+    assert account_period(start) == account_period(start + period_us - 1) == TIME_US // period_us
+    for kind in (ActionKind.LABEL_ACCOUNT, ActionKind.REPORT_ACCOUNT, ActionKind.TAKEDOWN_ACCOUNT):
+        same = {externalid(kind, DID, "spam", t) for t in (start, TIME_US, start + period_us - 1)}
+        assert len(same) == 1
+        assert externalid(kind, DID, "spam", start + period_us) not in same
+        assert externalid(kind, DID, "spam", start - 1) not in same
+    post = {externalid(ActionKind.LABEL_POST, URI, "spam", t) for t in (0, start + 9 * period_us)}
+    assert len(post) == 1
+
+
+def test_post_takedown_lists_every_blob_of_the_post() -> None:
+    """A post takedown names the matched blob first, then every other blob of the post once
+    (Ozone takes down only what it is given); other post events name the matched blob only."""
+    blobs = [OTHER_BLOB, BLOB_CID, OTHER_BLOB]
+    body = _build(ActionKind.TAKEDOWN_POST, post_blob_cids=blobs)
+    assert body["subjectBlobCids"] == [BLOB_CID, OTHER_BLOB]
+    for kind in (ActionKind.LABEL_POST, ActionKind.REPORT_POST, ActionKind.COMMENT_POST):
+        assert _build(kind, post_blob_cids=blobs)["subjectBlobCids"] == [BLOB_CID]
+    assert "subjectBlobCids" not in _build(ActionKind.TAKEDOWN_ACCOUNT, post_blob_cids=blobs)
+
+
+def test_report_reason_type_is_configurable() -> None:
+    """Reports carry the given reason; both lexicons' tokens are reasons, other text is not."""
+    body = _build(ActionKind.REPORT_POST, reason_type=LEGACY_REASON_OTHER)
+    assert body["event"]["reportType"] == "com.atproto.moderation.defs#reasonOther"
+    assert REASON_OTHER == "tools.ozone.report.defs#reasonOther"
+    assert is_reason_type("tools.ozone.report.defs#reasonSexualNCII")
+    assert is_reason_type(LEGACY_REASON_OTHER)
+    for bad in ("reasonOther", "tools.ozone.report.defs#other", "x.y#reasonOther", ""):
+        assert not is_reason_type(bad)
 
 
 def test_body_id_ignores_time_and_rule_text() -> None:
@@ -178,7 +225,12 @@ def test_timestamp_is_utc_milliseconds() -> None:
         (ActionKind.LABEL_POST, {"matched_hex": "abc"}, "matched_hex"),
         (ActionKind.LABEL_POST, {"distance": -1}, "distance"),
         (ActionKind.LABEL_POST, {"distance": True}, "distance"),
-        (ActionKind.LABEL_POST, {"labeler_did": "labeler"}, "labeler_did"),
+        (ActionKind.LABEL_POST, {"created_by": "labeler"}, "created_by"),
+        (ActionKind.LABEL_POST, {"created_by": ""}, "created_by"),
+        (ActionKind.REPORT_POST, {"reason_type": "other"}, "reason_type"),
+        (ActionKind.LABEL_POST, {"time_us": -1}, "time_us"),
+        (ActionKind.LABEL_POST, {"time_us": 1.5}, "time_us"),
+        (ActionKind.TAKEDOWN_POST, {"post_blob_cids": [""]}, "post_blob_cids"),
         (ActionKind.LABEL_POST, {"now": datetime(2025, 1, 1)}, "now"),
         (ActionKind.LABEL_POST, {"blob_cid": ""}, "blob_cid"),
     ],

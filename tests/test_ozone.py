@@ -86,8 +86,9 @@ def body(fake: FakeOzone, label: str = "spam", kind: ActionKind = ActionKind.LAB
         phash_hex="e0f0f8fcfefe7e3c",
         matched_hex="e0f0f8fcfefe7e3d",
         distance=1,
-        labeler_did=fake.labeler_did,
+        created_by=fake.did,
         now=datetime(2025, 3, 1, tzinfo=UTC),
+        time_us=1_740_787_200_000_000,
         blob_cid="bafkreibme22gw2h7y2h7tg2fhqotaqjucnbc24deqo72b6mkl2egezxhvy",
     )
 

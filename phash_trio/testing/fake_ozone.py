@@ -1,9 +1,18 @@
 """A fake PDS + Ozone on :mod:`phash_trio.httpserver`, for tests and the demo.
 
-It speaks the three XRPC procedures the service uses: ``createSession`` (checks the password,
-issues JWT-shaped tokens with ``iat``/``exp`` claims), ``refreshSession`` (rotates the refresh
-token) and ``emitEvent`` (validates the bearer token, the ``atproto-proxy`` header and the body
-per the lexicons, refuses a repeated ``externalId`` like Ozone, records what it accepts).
+It speaks the XRPC methods the service uses: ``createSession`` (checks the password, issues
+JWT-shaped tokens with ``iat``/``exp`` claims), ``refreshSession`` (rotates the refresh token),
+``emitEvent``, ``tools.ozone.server.getConfig`` (the account's Ozone role) and
+``app.bsky.labeler.getServices`` (the labeler's service record, as the AppView serves it).
+
+``emitEvent`` follows Ozone 0.4.2's order of checks (measured against the real one, issue 11):
+bearer token and ``atproto-proxy`` header; lexicon shape; team role (a non-member is refused,
+labels and takedowns need a moderator or admin); the subject's status (a takedown of a subject
+already taken down is ``400 InvalidRequest "Subject is already taken down"``, before any
+``externalId`` check); the report reason type against the service record's ``reasonTypes``
+(new-form reasons pass when they map to a listed old-form one); then a repeated ``externalId``
+is ``DuplicateExternalId``. ``createdBy`` is recorded as the token's DID, whatever the body says.
+A takedown marks the subject, and the blobs it lists, as taken down.
 
 Failure controls: :meth:`FakeOzone.fail_next`, :meth:`FakeOzone.fail_until`, ``down``,
 :meth:`FakeOzone.rate_limit` (429 with ``ratelimit-*`` headers), ``hang``,
@@ -23,13 +32,45 @@ import secrets
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import trio
 
 from phash_trio.httpserver import HttpServer, Request, Response, json_response, serve_http
 
-__all__ = ["FakeOzone", "FakeWallClock", "RecordedRequest", "run_fake_ozone"]
+__all__ = [
+    "ROLE_ADMIN",
+    "ROLE_MODERATOR",
+    "ROLE_TRIAGE",
+    "FakeOzone",
+    "FakeWallClock",
+    "RecordedRequest",
+    "labeler_record",
+    "run_fake_ozone",
+]
+
+ROLE_ADMIN = "tools.ozone.team.defs#roleAdmin"
+ROLE_MODERATOR = "tools.ozone.team.defs#roleModerator"
+ROLE_TRIAGE = "tools.ozone.team.defs#roleTriage"
+_MODERATOR_ROLES = frozenset({ROLE_ADMIN, ROLE_MODERATOR})
+_OLD_REASON = "com.atproto.moderation.defs#reason"
+_NEW_REASON = "tools.ozone.report.defs#reason"
+#: Ozone's NEW_TO_OLD_REASON_MAPPING, by the part after ``#reason``: a new-form reason is
+#: accepted when the old-form one it maps to is listed. Prefixes stand for whole families.
+_NEW_TO_OLD_PREFIX = (
+    ("Appeal", "Appeal"),
+    ("Other", "Other"),
+    ("Violence", "Violation"),
+    ("SexualAbuse", "Sexual"),
+    ("Sexual", "Sexual"),
+    ("ChildSafety", "Violation"),
+    ("Harassment", "Rude"),
+    ("MisleadingSpam", "Spam"),
+    ("Misleading", "Misleading"),
+    ("Rule", "Violation"),
+    ("SelfHarm", "Violation"),
+)
 
 _DEFS = "tools.ozone.moderation.defs#"
 _EVENT_TYPES = frozenset(
@@ -54,6 +95,45 @@ class FakeWallClock:
     def advance(self, seconds: float) -> None:
         """Jump the wall clock without moving Trio's clock."""
         self.skew += seconds
+
+
+def labeler_record(
+    label_values: list[str],
+    *,
+    defined: list[str] | None = None,
+    reason_types: list[str] | None = None,
+) -> dict[str, Any]:
+    """An ``app.bsky.labeler.service`` record: declared values, custom definitions, reasons."""
+    definitions = [
+        {
+            "identifier": value,
+            "severity": "alert",
+            "blurs": "media",
+            "defaultSetting": "warn",
+            "locales": [{"lang": "en", "name": value, "description": value}],
+        }
+        for value in (label_values if defined is None else defined)
+    ]
+    record: dict[str, Any] = {
+        "$type": "app.bsky.labeler.service",
+        "policies": {"labelValues": list(label_values), "labelValueDefinitions": definitions},
+        "createdAt": "2025-01-01T00:00:00.000Z",
+    }
+    if reason_types is not None:
+        record["reasonTypes"] = list(reason_types)
+    return record
+
+
+def _reason_allowed(reason: str, listed: list[str] | None) -> bool:
+    if listed is None or reason in listed:
+        return True
+    if not reason.startswith(_NEW_REASON):
+        return False
+    tail = reason.removeprefix(_NEW_REASON)
+    for prefix, old in _NEW_TO_OLD_PREFIX:
+        if tail.startswith(prefix):
+            return _OLD_REASON + old in listed
+    return False
 
 
 @attrs.frozen
@@ -97,8 +177,10 @@ class FakeOzone:
     refresh_lifetime: float = 60 * 86400.0
     wall_clock: Callable[[], float] = time.time
 
-    #: Bodies of accepted emitEvent calls, in order.
+    #: Bodies of accepted emitEvent calls, in order (``createdBy`` as Ozone records it).
     events: list[dict[str, Any]] = attrs.field(factory=list)
+    #: ``createdBy`` of each accepted body as the client sent it.
+    received_created_by: list[str] = attrs.field(factory=list)
     requests: list[RecordedRequest] = attrs.field(factory=list)
     create_session_calls: int = 0
     refresh_session_calls: int = 0
@@ -107,6 +189,14 @@ class FakeOzone:
     #: Answer 503 to everything while true.
     down: bool = False
     url: str = ""
+    #: The account's role in the Ozone team; None: not a member (every Ozone call refused).
+    role: str | None = ROLE_MODERATOR
+    #: The labeler's ``app.bsky.labeler.service`` record (see :func:`labeler_record`); None
+    #: when it has none (the AppView then knows no labeler and Ozone accepts every reason).
+    service_record: dict[str, Any] | None = None
+    #: Subjects (post URI or DID) and blob CIDs that are taken down.
+    taken_down: set[str] = attrs.field(factory=set)
+    taken_down_blobs: set[str] = attrs.field(factory=set)
 
     _access: dict[str, float] = attrs.field(factory=dict, init=False)
     _refresh: dict[str, float] = attrs.field(factory=dict, init=False)
@@ -157,6 +247,11 @@ class FakeOzone:
         self._access.clear()
         self._refresh.clear()
 
+    def take_down(self, subject: str, blobs: list[str] | None = None) -> None:
+        """A human moderator takes ``subject`` (post URI or DID) down, outside the service."""
+        self.taken_down.add(subject)
+        self.taken_down_blobs.update(blobs or [])
+
     def calls(self, nsid_suffix: str) -> list[RecordedRequest]:
         """Recorded requests whose method name ends with ``nsid_suffix`` (e.g. ``emitEvent``)."""
         return [r for r in self.requests if r.nsid.endswith(nsid_suffix)]
@@ -195,9 +290,17 @@ class FakeOzone:
                     return _xrpc_error(
                         429, "RateLimitExceeded", "Rate Limit Exceeded", limit_headers
                     )
-        if request.method != "POST":
-            return _xrpc_error(405, "InvalidRequest", "procedures need POST")
+        queries = {
+            "tools.ozone.server.getConfig": self._get_config,
+            "app.bsky.labeler.getServices": self._get_services,
+        }
         try:
+            if nsid in queries:
+                if request.method != "GET":
+                    raise _Invalid("queries need GET", "InvalidRequest", 405)
+                return json_response(queries[nsid](request), 200, limit_headers)
+            if request.method != "POST":
+                raise _Invalid("procedures need POST", "InvalidRequest", 405)
             if nsid == "com.atproto.server.createSession":
                 data = self._create_session(request)
             elif nsid == "com.atproto.server.refreshSession":
@@ -277,19 +380,62 @@ class FakeOzone:
         del self._refresh[token]  # rotation: a refresh token works once
         return self._issue()
 
-    # -- emitEvent -------------------------------------------------------------------------
+    # -- Ozone ---------------------------------------------------------------------------
 
-    def _emit_event(self, request: Request) -> dict[str, Any]:
+    def _ozone_member(self, request: Request) -> str:
+        """The caller's role, after the token and proxy checks; non-members are refused."""
         self._check_token(self._access, self._bearer(request))
         expected = f"{self.labeler_did}#atproto_labeler"
         proxy = request.headers.get("atproto-proxy")
         if proxy != expected:
             raise _Invalid(f"atproto-proxy header is {proxy!r}, expected {expected!r}")
+        if self.role is None:
+            raise _Invalid("not a moderator account", "AuthRequired", 401)
+        return self.role
+
+    def _get_config(self, request: Request) -> dict[str, Any]:
+        role = self._ozone_member(request)
+        return {"appview": {"url": "https://appview.invalid"}, "viewer": {"role": role}}
+
+    def _get_services(self, request: Request) -> dict[str, Any]:
+        """The AppView's answer (through the PDS): the labeler's view, if it has a record."""
+        self._check_token(self._access, self._bearer(request))
+        wanted = parse_qs(urlsplit(request.target).query).get("dids", [])
+        record = self.service_record
+        if record is None or self.labeler_did not in wanted:
+            return {"views": []}
+        view: dict[str, Any] = {
+            "$type": "app.bsky.labeler.defs#labelerViewDetailed",
+            "uri": f"at://{self.labeler_did}/app.bsky.labeler.service/self",
+            "cid": "bafyreifakelabelerservicerecord",
+            "creator": {"did": self.labeler_did, "handle": "labeler.test"},
+            "policies": record.get("policies", {}),
+            "indexedAt": _iso(self.wall_clock()),
+        }
+        if "reasonTypes" in record:
+            view["reasonTypes"] = record["reasonTypes"]
+        return {"views": [view]}
+
+    def _emit_event(self, request: Request) -> dict[str, Any]:
+        role = self._ozone_member(request)
         body = _json_object(request)
         _validate_emit_body(body)
         subject = body["subject"]
         subject_key = subject.get("uri") or subject["did"]
-        event_type = body["event"]["$type"]
+        event = body["event"]
+        event_type = event["$type"]
+        is_takedown = event_type.endswith("#modEventTakedown")
+        if (is_takedown or event_type.endswith("#modEventLabel")) and (
+            role not in _MODERATOR_ROLES
+        ):
+            what = "take this type of action" if is_takedown else "label content"
+            raise _Invalid(f"Must be a full moderator to {what}", "AuthRequired", 401)
+        if is_takedown and subject_key in self.taken_down:
+            raise _Invalid("Subject is already taken down")
+        if event_type.endswith("#modEventReport"):
+            listed = None if self.service_record is None else self.service_record.get("reasonTypes")
+            if not _reason_allowed(event["reportType"], listed):
+                raise _Invalid(f"Invalid reason type: {event['reportType']}")
         external_id = body.get("externalId")
         if external_id is not None:
             key = (subject_key, event_type, external_id)
@@ -299,13 +445,18 @@ class FakeOzone:
                     "DuplicateExternalId",
                 )
             self._external_ids.add(key)
-        self.events.append(body)
+        # Ozone records a moderator token's DID, not the body's createdBy.
+        self.received_created_by.append(body["createdBy"])
+        self.events.append({**body, "createdBy": self.did})
+        if is_takedown:
+            self.taken_down.add(subject_key)
+            self.taken_down_blobs.update(body.get("subjectBlobCids", []))
         return {
             "id": len(self.events),
-            "event": body["event"],
+            "event": event,
             "subject": subject,
             "subjectBlobCids": body.get("subjectBlobCids", []),
-            "createdBy": body["createdBy"],
+            "createdBy": self.did,
             "createdAt": _iso(self.wall_clock()),
         }
 
@@ -402,8 +553,6 @@ def _validate_emit_body(body: dict[str, Any]) -> None:
         _string_list(event, "negateLabelVals", "Input/event")
     elif event_type.endswith("modEventReport"):
         _string(event, "reportType", "Input/event")
-        if not event["reportType"].startswith("com.atproto.moderation.defs#reason"):
-            raise _Invalid("Input/event/reportType must be a com.atproto.moderation reason")
 
     if "modTool" in body:
         tool = body["modTool"]
