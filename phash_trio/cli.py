@@ -39,17 +39,42 @@ def _cmd_hash(args: argparse.Namespace) -> int:
 
 
 def _cmd_rules_check(args: argparse.Namespace) -> int:
+    from phash_trio.config import ConfigError, load_settings
     from phash_trio.rulecheck import rules_check
 
     threshold = args.threshold
     if threshold is None:
-        from phash_trio.config import ConfigError, load_settings
-
         try:
             threshold = load_settings().phash_hamming_threshold
         except ConfigError:
             threshold = 3
-    return rules_check(Path(args.file), default_threshold=threshold)
+    status = rules_check(Path(args.file), default_threshold=threshold)
+    if status != 0 or not args.ozone:
+        return status
+    return _rules_check_ozone(Path(args.file))
+
+
+def _rules_check_ozone(path: Path) -> int:
+    """``--ozone``: can the automod account do what the (valid) rule file asks?"""
+    import trio
+
+    from phash_trio.config import ConfigError, load_settings
+    from phash_trio.model import load_rules
+    from phash_trio.ozone_check import print_ozone_check
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"phash-trio: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.has_credentials or not settings.labeler_did:
+        print(
+            "phash-trio: --ozone needs AUTOMOD_HANDLE, AUTOMOD_PASSWORD, OZONE_PDS and LABELER_DID",
+            file=sys.stderr,
+        )
+        return 2
+    rules = load_rules(path).rules
+    return trio.run(print_ozone_check, settings, rules, sys.stdout)
 
 
 def _load_or_exit() -> tuple[object, object]:
@@ -148,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.add_argument(
         "--threshold", type=int, default=None, help="default threshold (PHASH_HAMMING_THRESHOLD)"
+    )
+    check.add_argument(
+        "--ozone",
+        action="store_true",
+        help="also ask Ozone (credentials from the environment) whether the automod account's"
+        " role and the labeler's service record allow every rule",
     )
     check.set_defaults(func=_cmd_rules_check)
 

@@ -66,6 +66,7 @@ async def open_processor(
                 default_daily_cap=settings.max_actions_per_day,
                 spacer=RateSpacer(settings.rate_limit_ms / 1000),
                 dry_run=dry_run,
+                report_reason_type=settings.ozone_report_reason_type,
             )
             processor = JobProcessor(
                 fetcher=fetcher,

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 from dotenv import dotenv_values
 
+from phash_trio.events import is_reason_type
 from phash_trio.syntax import is_valid_did
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
@@ -80,6 +81,8 @@ class Settings:
     breaker_wait_max_secs: float = 900.0
     #: Seconds the Ozone circuit breaker stays open before it lets a probe through.
     ozone_breaker_reset_secs: float = 60.0
+    #: ``reportType`` of the reports the service files (new form: accepted by every labeler).
+    ozone_report_reason_type: str = "tools.ozone.report.defs#reasonOther"
     #: Per-rule daily action cap used when a rule has no ``maxActionsPerDay``.
     max_actions_per_day: int = 1000
     #: Threads hashing images at once when ``hash_processes`` is 0; 0 means one per core.
@@ -191,6 +194,7 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "ALLOW_PRIVATE_NETWORKS": ("allow_private_networks", _parse_bool, None),
     "BREAKER_WAIT_MAX_SECS": ("breaker_wait_max_secs", _parse_float, 0),
     "OZONE_BREAKER_RESET_SECS": ("ozone_breaker_reset_secs", _parse_float, 0.1),
+    "OZONE_REPORT_REASON_TYPE": ("ozone_report_reason_type", _parse_str, None),
     "MAX_ACTIONS_PER_DAY": ("max_actions_per_day", _parse_int, 0),
     "HASH_THREADS": ("hash_threads", _parse_int, 0),
     "HASH_PROCESSES": ("hash_processes", _parse_int, 0),
@@ -235,6 +239,11 @@ def _check(settings: Settings) -> None:
             raise ConfigError(
                 f"METRICS_ADDR: {settings.metrics_addr!r} is not HOST:PORT (empty disables it)"
             )
+    if not is_reason_type(settings.ozone_report_reason_type):
+        raise ConfigError(
+            f"OZONE_REPORT_REASON_TYPE: {settings.ozone_report_reason_type!r} is not a reason"
+            " token like tools.ozone.report.defs#reasonOther"
+        )
     if settings.labeler_did and not is_valid_did(settings.labeler_did):
         raise ConfigError(f"LABELER_DID: {settings.labeler_did!r} is not a did:plc or did:web")
     creds = {

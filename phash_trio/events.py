@@ -43,6 +43,7 @@ __all__ = [
     "externalid",
     "format_timestamp",
     "is_reason_type",
+    "reason_accepted",
 ]
 
 MOD_TOOL_NAME = "phash-trio"
@@ -68,6 +69,41 @@ _REASON_RE = re.compile(
 def is_reason_type(value: str) -> bool:
     """True for a report reason token of either lexicon (``...defs#reasonSomething``)."""
     return bool(_REASON_RE.fullmatch(value))
+
+
+_OLD_REASON = "com.atproto.moderation.defs#reason"
+_NEW_REASON = "tools.ozone.report.defs#reason"
+#: Ozone's NEW_TO_OLD_REASON_MAPPING (mod-service/profile.ts), by the part after ``#reason``;
+#: each prefix stands for its whole family. Longer prefixes first.
+_NEW_TO_OLD = (
+    ("MisleadingSpam", "Spam"),
+    ("Appeal", "Appeal"),
+    ("Other", "Other"),
+    ("Violence", "Violation"),
+    ("Sexual", "Sexual"),
+    ("ChildSafety", "Violation"),
+    ("Harassment", "Rude"),
+    ("Misleading", "Misleading"),
+    ("Rule", "Violation"),
+    ("SelfHarm", "Violation"),
+)
+
+
+def reason_accepted(reason: str, listed: Sequence[str] | None) -> bool:
+    """Whether Ozone accepts report reason ``reason`` from a labeler listing ``listed``.
+
+    No list accepts everything; a listed reason passes; a new-form reason also passes when
+    the old-form reason it maps to is listed (never the other way round).
+    """
+    if listed is None or reason in listed:
+        return True
+    if not reason.startswith(_NEW_REASON):
+        return False
+    tail = reason.removeprefix(_NEW_REASON)
+    for prefix, old in _NEW_TO_OLD:
+        if tail.startswith(prefix):
+            return _OLD_REASON + old in listed
+    return False
 
 
 def account_period(time_us: int) -> int:

@@ -349,6 +349,10 @@ class OzoneClient:
         return f"<OzoneClient {self._handle!r} at {self._pds!r}>"
 
     @property
+    def labeler_did(self) -> str:
+        return self._labeler_did
+
+    @property
     def session(self) -> Session | None:
         """The current session, if any (tokens hidden from its repr)."""
         return self._session

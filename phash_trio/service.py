@@ -37,6 +37,7 @@ from phash_trio.jobs import ImageJob
 from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.notify import Notifier, run_watchdog
+from phash_trio.ozone_check import check_at_start
 from phash_trio.pipeline import run_worker
 from phash_trio.status_http import run_status_server
 from phash_trio.store import RedisStore, run_health_monitor
@@ -137,6 +138,12 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
         logger.warning("rule file {}: {}", settings.rules_file, warning)
 
     async with open_processor(settings, rules, metrics, store, tracker) as processor:
+        if processor.actions.ozone is not None:
+            problem = await check_at_start(
+                processor.actions.ozone, rules.ruleset.rules, settings.ozone_report_reason_type
+            )
+            if problem is not None:
+                raise StartupError(problem)
         reader_config = ReaderConfig.from_settings(settings)
         try:
             async with trio.open_nursery() as root:

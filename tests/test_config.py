@@ -73,6 +73,7 @@ def test_systemd_state_directory_is_the_default_state_dir() -> None:
         ({"METRICS_ADDR": "9464"}, "METRICS_ADDR: '9464' is not HOST:PORT"),
         ({"LABELER_DID": "did:example:x"}, "LABELER_DID: 'did:example:x' is not a did:plc"),
         ({"BLOB_TOTAL_TIMEOUT_SECS": "nan"}, "BLOB_TOTAL_TIMEOUT_SECS: 'nan' is not valid"),
+        ({"OZONE_REPORT_REASON_TYPE": "reasonOther"}, "OZONE_REPORT_REASON_TYPE: 'reasonOther'"),
         (
             {"AUTOMOD_HANDLE": "mod.example", "OZONE_PDS": "https://pds.example"},
             "AUTOMOD_PASSWORD: missing",

@@ -37,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import trio
 
+from phash_trio.events import reason_accepted
 from phash_trio.httpserver import HttpServer, Request, Response, json_response, serve_http
 
 __all__ = [
@@ -54,23 +55,6 @@ ROLE_ADMIN = "tools.ozone.team.defs#roleAdmin"
 ROLE_MODERATOR = "tools.ozone.team.defs#roleModerator"
 ROLE_TRIAGE = "tools.ozone.team.defs#roleTriage"
 _MODERATOR_ROLES = frozenset({ROLE_ADMIN, ROLE_MODERATOR})
-_OLD_REASON = "com.atproto.moderation.defs#reason"
-_NEW_REASON = "tools.ozone.report.defs#reason"
-#: Ozone's NEW_TO_OLD_REASON_MAPPING, by the part after ``#reason``: a new-form reason is
-#: accepted when the old-form one it maps to is listed. Prefixes stand for whole families.
-_NEW_TO_OLD_PREFIX = (
-    ("Appeal", "Appeal"),
-    ("Other", "Other"),
-    ("Violence", "Violation"),
-    ("SexualAbuse", "Sexual"),
-    ("Sexual", "Sexual"),
-    ("ChildSafety", "Violation"),
-    ("Harassment", "Rude"),
-    ("MisleadingSpam", "Spam"),
-    ("Misleading", "Misleading"),
-    ("Rule", "Violation"),
-    ("SelfHarm", "Violation"),
-)
 
 _DEFS = "tools.ozone.moderation.defs#"
 _EVENT_TYPES = frozenset(
@@ -122,18 +106,6 @@ def labeler_record(
     if reason_types is not None:
         record["reasonTypes"] = list(reason_types)
     return record
-
-
-def _reason_allowed(reason: str, listed: list[str] | None) -> bool:
-    if listed is None or reason in listed:
-        return True
-    if not reason.startswith(_NEW_REASON):
-        return False
-    tail = reason.removeprefix(_NEW_REASON)
-    for prefix, old in _NEW_TO_OLD_PREFIX:
-        if tail.startswith(prefix):
-            return _OLD_REASON + old in listed
-    return False
 
 
 @attrs.frozen
@@ -434,7 +406,7 @@ class FakeOzone:
             raise _Invalid("Subject is already taken down")
         if event_type.endswith("#modEventReport"):
             listed = None if self.service_record is None else self.service_record.get("reasonTypes")
-            if not _reason_allowed(event["reportType"], listed):
+            if not reason_accepted(event["reportType"], listed):
                 raise _Invalid(f"Invalid reason type: {event['reportType']}")
         external_id = body.get("externalId")
         if external_id is not None:
