@@ -25,10 +25,14 @@ demo:
 test:
     {{py}} -m pytest -q
 
+# The service against a real local AT Protocol network (npm @atproto/dev-env: PLC, PDS, AppView, Ozone on Postgres). Needs apt postgresql + npm and the npm registry; the install is cached.
+e2e-ozone:
+    PHASH_E2E_NODE_DIR="$(e2e_ozone/prepare)" {{py}} -m pytest -q -p no:cacheprovider e2e_ozone
+
 # ruff + mypy.
 lint:
-    {{venv}}/bin/ruff check phash_trio tests bench
-    {{venv}}/bin/ruff format --check phash_trio tests bench
+    {{venv}}/bin/ruff check phash_trio tests bench e2e_ozone
+    {{venv}}/bin/ruff format --check phash_trio tests bench e2e_ozone
     {{venv}}/bin/mypy phash_trio
 
 # Benchmarks: hashing, rule lookup, end-to-end pipeline. Prints figures.

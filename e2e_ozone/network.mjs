@@ -70,6 +70,7 @@ let closing = false
 async function shutdown(code) {
   if (closing) return
   closing = true
+  setTimeout(() => process.exit(code), 20000).unref() // never outlive the suite for long
   try {
     await network.close()
   } catch (err) {

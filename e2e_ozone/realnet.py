@@ -161,7 +161,9 @@ class DevNetwork:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.log.close()
+        for stream in (self.process.stdin, self.process.stdout, self.log):
+            if stream is not None:
+                stream.close()
 
     def account(self, name: str) -> Account:
         data = self.info[name]
