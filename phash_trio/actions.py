@@ -47,6 +47,8 @@ __all__ = ["Actions", "ActionsRejected", "RateSpacer", "claim_key", "planned_act
 
 #: Also the period of account-action externalIds (:data:`events.ACCOUNT_PERIOD_SECS`).
 CLAIM_TTL_SECS = ACCOUNT_PERIOD_SECS
+#: ``createdBy`` of the bodies a dry run logs when no LABELER_DID is set (no session exists).
+DRY_RUN_ACTOR = "did:web:dry-run.invalid"
 #: Failures a retry of the job may cure.
 _TRANSIENT = (OzoneUnavailable, OzoneAuthError, StoreError)
 
@@ -192,7 +194,7 @@ class Actions:
     async def _one(self, kind: ActionKind, job: ImageJob, blob: BlobRef, match: Match) -> None:
         rule = match.rule
         if self.dry_run or self.ozone is None:
-            body = self._body(kind, job, blob, match, self.labeler_did)
+            body = self._body(kind, job, blob, match, self.labeler_did or DRY_RUN_ACTOR)
             self.metrics.actions_skipped.labels(reason="dry_run").inc()
             logger.info(
                 "dry-run: would send {} for {} (rule {!r}, distance {}): {}",

@@ -610,6 +610,18 @@ async def test_dry_run_sends_nothing_and_logs_the_body(
         assert sum(dumped in line for line in log_lines) == 2
 
 
+async def test_dry_run_without_any_ozone_setting_logs_instead_of_failing(
+    store: RedisStore, metrics: Metrics, log_lines: list[str]
+) -> None:
+    """No credentials and no LABELER_DID (the default dry run): a match is logged with a
+    placeholder createdBy, never an EventError that would fail the job."""
+    j = job()
+    actions = make_actions(store, None, metrics, dry_run=True)
+    actions.labeler_did = ""
+    await actions.apply(j, j.blobs[0], match(takedown_post=True))
+    assert sum('"createdBy": "did:web:dry-run.invalid"' in line for line in log_lines) == 1
+
+
 async def test_rate_spacer_spaces_concurrent_callers(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
