@@ -78,6 +78,8 @@ class Settings:
     allow_private_networks: bool = False
     #: How long a job held up only by an open circuit breaker may wait before it fails.
     breaker_wait_max_secs: float = 900.0
+    #: Seconds after which a job is dead-lettered whatever holds it (the cursor waits no longer).
+    job_deadline_secs: float = 300.0
     #: Seconds the Ozone circuit breaker stays open before it lets a probe through.
     ozone_breaker_reset_secs: float = 60.0
     #: Per-rule daily action cap used when a rule has no ``maxActionsPerDay``.
@@ -191,6 +193,7 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "ALLOW_PRIVATE_NETWORKS": ("allow_private_networks", _parse_bool, None),
     "BREAKER_WAIT_MAX_SECS": ("breaker_wait_max_secs", _parse_float, 0),
     "OZONE_BREAKER_RESET_SECS": ("ozone_breaker_reset_secs", _parse_float, 0.1),
+    "JOB_DEADLINE_SECS": ("job_deadline_secs", _parse_float, 1),
     "MAX_ACTIONS_PER_DAY": ("max_actions_per_day", _parse_int, 0),
     "HASH_THREADS": ("hash_threads", _parse_int, 0),
     "HASH_PROCESSES": ("hash_processes", _parse_int, 0),

@@ -40,6 +40,20 @@ class Metrics:
         self.jobs_dead_lettered = Counter(
             p + "jobs_dead_lettered", "Jobs stored in jobs:dead", registry=r
         )
+        self.job_crashes = Counter(
+            p + "job_crashes",
+            "Jobs ended by an unexpected error (a bug or hostile input), by stage and kind",
+            ["stage", "kind"],
+            registry=r,
+        )
+        self.jobs_timed_out = Counter(
+            p + "jobs_timed_out", "Jobs stopped at JOB_DEADLINE_SECS", registry=r
+        )
+        self.dead_letters_lost = Counter(
+            p + "dead_letters_lost",
+            "Dead letters Redis would not store in time (the job is only in the log)",
+            registry=r,
+        )
         # Blobs
         self.blobs_processed = Counter(p + "blobs_processed", "Blobs hashed", registry=r)
         self.blobs_downloaded = Counter(p + "blobs_downloaded", "Blobs downloaded", registry=r)

@@ -191,6 +191,7 @@ class World:
         )
         kwargs.setdefault("retry_attempts", 3)
         kwargs.setdefault("retry_delay", 0.0625)
+        kwargs.setdefault("job_deadline", INF)  # a pending deadline would be autojumped to
         return JobProcessor(
             fetcher=self.fetcher,
             rules=RuleIndex(load_rules(RULES), 3),
