@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from e2e_helpers import GUARD, decided, finished, harness, total
 
-from phash_trio.testing.capture import demo_images
 from phash_trio.testing.blobhost import cid_for
+from phash_trio.testing.capture import demo_images
 from phash_trio.testing.jetstream_replay import fake_cid, fake_did, make_post
 from phash_trio.testing.redis_server import RedisProcess
 
@@ -42,8 +42,10 @@ async def test_snowman_pds_does_not_stop_the_service(
     assert code == 0, service.log_tail()
     uris = decided(service.log_path)
     assert sorted(uris) == sorted(
-        [f"at://{hostile}/app.bsky.feed.post/3ksnowman00001",
-         f"at://{honest}/app.bsky.feed.post/3khonest000001"]
+        [
+            f"at://{hostile}/app.bsky.feed.post/3ksnowman00001",
+            f"at://{honest}/app.bsky.feed.post/3khonest000001",
+        ]
     )
     assert total(metrics, "phash_jobs_processed_total") == 2
     assert h.saved_cursor() == T0 + 1000
