@@ -222,8 +222,11 @@ class PdsResolver:
         plc_breaker: CircuitBreaker | None = None,
         metrics: Metrics | None = None,
         web_client: httpx.AsyncClient | None = None,
+        resolve: Resolve = system_resolve,
     ) -> None:
         self._client = client
+        #: DNS lookups of the address check (injectable: tests play a rebinding DNS server).
+        self._resolve = resolve
         #: For did:web hosts (untrusted: see :func:`phash_trio.net.transport.guarded_transport`).
         self._web_client = web_client or client
         self._plc_endpoint = plc_endpoint.rstrip("/")
@@ -273,7 +276,9 @@ class PdsResolver:
         if not is_valid_did(did):
             raise InvalidDid(did, "not a valid did:plc or did:web")
         pds = await self._document_pds(did)
-        return await check_public_url(pds, did, allow_private_networks=self._allow_private)
+        return await check_public_url(
+            pds, did, allow_private_networks=self._allow_private, resolve=self._resolve
+        )
 
     async def _document_pds(self, did: str) -> str:
         now = trio.current_time()
@@ -308,7 +313,9 @@ class PdsResolver:
             doc = await self._fetch_plc(did)
         else:
             url = f"{self._did_web_base(did_web_host(did)).rstrip('/')}/.well-known/did.json"
-            url = await check_public_url(url, did, allow_private_networks=self._allow_private)
+            url = await check_public_url(
+                url, did, allow_private_networks=self._allow_private, resolve=self._resolve
+            )
             doc = await self._fetch_document(did, url, self._web_client)
         pds = _pds_from_document(did, doc)
         logger.debug("resolved {} -> {}", did, pds)
