@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trio
 from e2e_helpers import GUARD, decided, finished, harness, total
 
 from phash_trio.testing.blobhost import cid_for
@@ -49,3 +50,31 @@ async def test_snowman_pds_does_not_stop_the_service(
     )
     assert total(metrics, "phash_jobs_processed_total") == 2
     assert h.saved_cursor() == T0 + 1000
+
+
+async def test_bad_content_length_on_metrics_does_not_stop_the_service(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """``Content-Length: abc`` sent to /metrics (finding 2) gets a 400; the service stays up,
+    answers the next scrape and stops cleanly."""
+    images = demo_images()
+    events = [
+        make_post(fake_did("a"), "3kaaaaaaaaaa1", T0, image_cids=[cid_for(images["coffee.jpg"])])
+    ]
+    async with harness(redis_proc.url, tmp_path, events) as h:
+        service = await h.start()
+        await service.wait_for(h.client, finished(1, 1), within=GUARD)
+        stream = await trio.open_tcp_stream("127.0.0.1", service.metrics_port)
+        async with stream:
+            await stream.send_all(
+                b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"
+            )
+            with trio.fail_after(GUARD):
+                answer = await stream.receive_some(4096)
+        await trio.sleep(0.5)  # time for a crash to happen, if it would
+        assert service.process is not None and service.process.poll() is None, service.log_tail()
+        metrics = await h.metrics(service)
+        code = await h.stop(service)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    assert total(metrics, "phash_jobs_processed_total") == 1
+    assert code == 0, service.log_tail()
