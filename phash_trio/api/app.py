@@ -51,11 +51,10 @@ class BodyLimit:
             await _refuse(send, 431, f"request head over {self.max_header_bytes} bytes\n")
             return
         for name, value in headers:
-            if name == b"content-length":
-                # h11 has already refused a malformed Content-Length with 400.
-                if int(value) > self.max_bytes:
-                    await _refuse(send, 413, f"request body over {self.max_bytes} bytes\n")
-                    return
+            # h11 has already refused a malformed Content-Length with 400.
+            if name == b"content-length" and int(value) > self.max_bytes:
+                await _refuse(send, 413, f"request body over {self.max_bytes} bytes\n")
+                return
         seen = 0
         started = False
 
