@@ -10,8 +10,8 @@ import httpx
 from phash_trio.actions import Actions, RateSpacer
 from phash_trio.blobs import BlobFetcher
 from phash_trio.breaker import CircuitBreaker
-from phash_trio.checkpoint import CursorTracker
 from phash_trio.config import Settings
+from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.hashpool import HashPool
 from phash_trio.identity import PdsResolver
 from phash_trio.matching import RuleIndex

@@ -24,7 +24,7 @@ from loguru import logger
 
 from phash_trio.actions import Actions
 from phash_trio.blobs import BlobError, BlobFetcher, BlobUnavailable
-from phash_trio.checkpoint import CursorTracker
+from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.hashing import ImageError, format_hash
 from phash_trio.hashpool import HashPool
 from phash_trio.jobs import BlobRef, ImageJob

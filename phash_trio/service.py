@@ -30,10 +30,10 @@ import trio
 from loguru import logger
 
 from phash_trio.api import create_app, serve_app
-from phash_trio.checkpoint import Checkpointer, CursorFile, CursorTracker, run_checkpointer
 from phash_trio.components import open_processor
 from phash_trio.config import Settings
-from phash_trio.jetstream import ReaderConfig, ReaderState, run_reader
+from phash_trio.firehose.cursor import Checkpointer, CursorFile, CursorTracker, run_checkpointer
+from phash_trio.firehose.reader import ReaderConfig, ReaderState, run_reader
 from phash_trio.jobs import ImageJob
 from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics

@@ -13,10 +13,10 @@ import pytest
 import trio
 import trio.testing
 
-from phash_trio.checkpoint import CursorTracker
 from phash_trio.config import Settings
-from phash_trio.jetstream import ReaderConfig, ReaderConfigError, ReaderState, run_reader
-from phash_trio.jetstream import subscribe_url as build_url
+from phash_trio.firehose.cursor import CursorTracker
+from phash_trio.firehose.reader import ReaderConfig, ReaderConfigError, ReaderState, run_reader
+from phash_trio.firehose.reader import subscribe_url as build_url
 from phash_trio.jobs import ImageJob
 from phash_trio.metrics import Metrics
 from phash_trio.testing.jetstream_replay import (

@@ -23,7 +23,7 @@ import trio.testing
 from phash_trio.actions import Actions, RateSpacer
 from phash_trio.blobs import BlobFetcher
 from phash_trio.breaker import BreakerState, CircuitBreaker
-from phash_trio.checkpoint import CursorTracker
+from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.hashing import mean_hash
 from phash_trio.hashpool import HashPool
 from phash_trio.identity import PdsResolver
