@@ -46,6 +46,12 @@ class Settings:
 
     jetstream_url: str = DEFAULT_JETSTREAM_URL
     jetstream_fallback_urls: tuple[str, ...] = DEFAULT_JETSTREAM_FALLBACK_URLS
+    #: Seconds every Jetstream reconnect rewinds (instances' clocks differ by seconds).
+    jetstream_rewind_secs: float = 10.0
+    #: Consecutive failed connections before moving to the next Jetstream URL.
+    jetstream_failover_after: int = 3
+    #: Seconds on a fallback Jetstream before going back to the primary.
+    jetstream_failback_secs: float = 600.0
     redis_url: str = "redis://localhost:6379"
     plc_endpoint: str = "https://plc.directory"
     pds_endpoint: str = "https://bsky.social"
@@ -165,6 +171,9 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "OZONE_PDS": ("ozone_pds", _parse_str, None),
     "JETSTREAM_URL": ("jetstream_url", _parse_str, None),
     "JETSTREAM_FALLBACK_URLS": ("jetstream_fallback_urls", _parse_urls, None),
+    "JETSTREAM_REWIND_SECS": ("jetstream_rewind_secs", _parse_float, 0),
+    "JETSTREAM_FAILOVER_AFTER": ("jetstream_failover_after", _parse_int, 1),
+    "JETSTREAM_FAILBACK_SECS": ("jetstream_failback_secs", _parse_float, 1),
     "REDIS_URL": ("redis_url", _parse_str, None),
     "PLC_ENDPOINT": ("plc_endpoint", _parse_str, None),
     "PDS_ENDPOINT": ("pds_endpoint", _parse_str, None),

@@ -29,6 +29,17 @@ class Metrics:
         self.jetstream_reconnects = Counter(
             p + "jetstream_reconnects", "Jetstream reconnects", registry=r
         )
+        self.jetstream_failovers = Counter(
+            p + "jetstream_failovers",
+            "Moves to another Jetstream URL (to=fallback after failures, to=primary)",
+            ["to"],
+            registry=r,
+        )
+        self.jetstream_replay_gaps = Counter(
+            p + "jetstream_replay_gaps",
+            "Reconnects where the server could not replay back to where we resumed",
+            registry=r,
+        )
         self.jetstream_connected = Gauge(
             p + "jetstream_connected", "1 while the reader is connected", registry=r
         )

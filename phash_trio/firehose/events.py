@@ -81,14 +81,17 @@ class MalformedFrame(JetstreamError):
 
 @attrs.frozen
 class EventIdentity:
-    """What makes an event unique in the stream, used to drop replays after a reconnect."""
+    """What makes an event unique in the network, the same on every Jetstream instance (unlike
+    ``time_us``, which each instance stamps with its own clock); used to drop replays."""
 
     did: str
     #: The commit's collection, or the event kind (``identity``, ``account``) for the others.
     collection: str
     rkey: str
+    #: The commit's repo ``rev``; the relay's ``seq`` for identity and account events. An event
+    #: without either falls back to ``t{time_us}`` (then only the same instance matches it).
+    rev: str
     operation: str
-    time_us: int
 
 
 @attrs.frozen
@@ -254,7 +257,10 @@ def parse_event(frame: str | bytes) -> ParsedEvent:
 
     if kind != "commit":
         reason = kind if kind in ("identity", "account") else "other_kind"
-        return ParsedEvent(time_us, None, reason, EventIdentity(did, kind, "", "", time_us))
+        body = data.get(kind)
+        seq = body.get("seq") if isinstance(body, dict) else None
+        rev = str(seq) if isinstance(seq, int) and not isinstance(seq, bool) else f"t{time_us}"
+        return ParsedEvent(time_us, None, reason, EventIdentity(did, kind, "", rev, ""))
 
     commit = data.get("commit")
     if not isinstance(commit, dict):
@@ -262,8 +268,13 @@ def parse_event(frame: str | bytes) -> ParsedEvent:
     operation = _string(commit, "operation", "commit.", fail)
     collection = _string(commit, "collection", "commit.", fail)
     rkey = commit.get("rkey")
+    raw_rev = commit.get("rev")
     identity = EventIdentity(
-        did, collection, rkey if isinstance(rkey, str) else "", operation, time_us
+        did,
+        collection,
+        rkey if isinstance(rkey, str) else "",
+        raw_rev if isinstance(raw_rev, str) and raw_rev else f"t{time_us}",
+        operation,
     )
     if operation != "create":
         reason = operation if operation in ("delete", "update") else "other_operation"

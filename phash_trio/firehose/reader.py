@@ -25,7 +25,9 @@ the cursor pass a post nobody hashed.
 from __future__ import annotations
 
 import ssl
+from collections import OrderedDict
 from collections.abc import Iterable
+from math import inf
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -85,12 +87,28 @@ def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) 
         raise ReaderConfigError(f"ReaderConfig.{attribute.name} must be > 0, got {value!r}")
 
 
+def _non_negative(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ReaderConfigError(f"ReaderConfig.{attribute.name} must be >= 0, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class ReaderConfig:
     """How the reader connects: URLs in rotation order, backoff and timeouts in seconds."""
 
-    #: Primary first, then fallbacks; the reader moves to the next one after each failure.
+    #: Primary first, then fallbacks, tried in this order.
     urls: tuple[str, ...] = attrs.field(converter=_strings, validator=_check_urls)
+    #: Every reconnect resumes this many seconds before the newest event read (clock skew
+    #: between instances); the replays this brings are dropped by identity.
+    rewind: float = attrs.field(default=10.0, validator=_non_negative)
+    #: Consecutive failed connections (refused, or lost before ``healthy_after``) on one URL
+    #: before the reader moves to the next URL.
+    failover_after: int = attrs.field(default=3, validator=_positive)
+    #: Seconds on a fallback after which the reader goes back to the primary.
+    failback_after: float = attrs.field(default=600.0, validator=_positive)
+    #: Event identities remembered to drop replays (bounded; oldest forgotten first). It must
+    #: cover ``rewind`` seconds of the stream plus the skew between instances.
+    seen_capacity: int = attrs.field(default=50_000, validator=_positive)
     backoff_initial: float = attrs.field(default=5.0, validator=_positive)
     backoff_max: float = attrs.field(default=300.0, validator=_positive)
     #: A connection that stayed up this long resets the backoff.
@@ -110,7 +128,12 @@ class ReaderConfig:
     def from_settings(cls, settings: Settings) -> ReaderConfig:
         """``JETSTREAM_URL`` first, then ``JETSTREAM_FALLBACK_URLS`` (duplicates dropped)."""
         urls = dict.fromkeys((settings.jetstream_url, *settings.jetstream_fallback_urls))
-        return cls(urls=tuple(u for u in urls if u))
+        return cls(
+            urls=tuple(u for u in urls if u),
+            rewind=settings.jetstream_rewind_secs,
+            failover_after=settings.jetstream_failover_after,
+            failback_after=settings.jetstream_failback_secs,
+        )
 
 
 @attrs.define
@@ -124,8 +147,10 @@ class ReaderState:
     url: str | None = None
     #: Connections opened so far.
     connections: int = 0
-    #: Newest ``time_us`` read: where a reconnect resumes.
+    #: Newest ``time_us`` read: where a reconnect resumes (minus the rewind).
     newest_time_us: int | None = None
+    #: Position of ``url`` in the configured URLs (0: the primary).
+    url_index: int = 0
 
 
 def subscribe_url(
@@ -164,36 +189,33 @@ class _Backoff:
 
 
 @attrs.define
-class _ReplayFilter:
-    """Remembers the newest event read, to drop what a resumed connection re-sends."""
+class _SeenEvents:
+    """The identities of the newest ``capacity`` events read, to drop what a rewound
+    reconnect re-sends. Identities, not times: instances stamp the same event differently."""
 
+    capacity: int
+    #: Newest ``time_us`` read on any connection: where a reconnect resumes (minus the rewind).
     newest: int | None = None
-    _seen_at_newest: set[EventIdentity] = attrs.field(factory=set)
-    _horizon: int | None = None
-    _seen_at_horizon: frozenset[EventIdentity] = frozenset()
-
-    def reconnecting(self) -> None:
-        """Everything up to the newest event was handled; a replay of it is a duplicate."""
-        self._horizon = self.newest
-        self._seen_at_horizon = frozenset(self._seen_at_newest)
+    _order: OrderedDict[EventIdentity, None] = attrs.field(factory=OrderedDict)
 
     def admit(self, event: ParsedEvent) -> bool:
-        """False for an event a previous connection already delivered."""
-        if self._horizon is not None and (
-            event.time_us < self._horizon
-            or (event.time_us == self._horizon and event.identity in self._seen_at_horizon)
-        ):
+        """False for an event already read (on this or an earlier connection)."""
+        if event.identity in self._order:
             return False
+        self._order[event.identity] = None
+        if len(self._order) > self.capacity:
+            self._order.popitem(last=False)
         if self.newest is None or event.time_us > self.newest:
             self.newest = event.time_us
-            self._seen_at_newest = {event.identity}
-        elif event.time_us == self.newest:
-            self._seen_at_newest.add(event.identity)
         return True
 
 
 class _ConnectionLost(Exception):
     """A connect, handshake or idle timeout; ``str()`` is the reason logged."""
+
+
+class _FailBack(Exception):
+    """Time to leave a fallback for the primary (not a failure)."""
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -235,20 +257,37 @@ class _Reader:
     metrics: Metrics
     state: ReaderState
     start_cursor: int | None
-    replay: _ReplayFilter = attrs.field(factory=_ReplayFilter)
+    seen: _SeenEvents = attrs.field(init=False)
     _connected_at: float | None = None
+    #: Newest ``time_us`` read before this connection, until its first event is checked.
+    _resume_point: int | None = None
     _started: bool = False
     _ssl: ssl.SSLContext | None = None
 
     async def run(self, task_status: trio.TaskStatus[ReaderState]) -> None:
         config = self.config
+        urls = config.urls
         backoff = _Backoff(config.backoff_initial, config.backoff_max)
         index = 0
+        failures = 0  # consecutive failed connections on urls[index]
         while True:
-            base = config.urls[index]
+            base = urls[index]
             self._connected_at = None
+            self.state.url_index = index
             try:
                 await self._session(base, task_status)
+            except _FailBack:
+                logger.info(
+                    "jetstream: {:g} s on fallback {}; going back to the primary {}",
+                    config.failback_after,
+                    base,
+                    urls[0],
+                )
+                self.metrics.jetstream_failovers.labels(to="primary").inc()
+                self.metrics.jetstream_reconnects.inc()
+                index, failures = 0, 0
+                backoff.reset()
+                continue
             except (HandshakeError, ConnectionClosed, OSError, trio.BrokenResourceError) as exc:
                 reason = _describe(exc)
             except _ConnectionLost as exc:
@@ -260,19 +299,48 @@ class _Reader:
             up = None if self._connected_at is None else now - self._connected_at
             if up is not None and up >= config.healthy_after:
                 backoff.reset()
+                failures = 0  # it worked: this loss is the first failure of a new run
+            failures += 1
+            if failures >= config.failover_after and len(urls) > 1:
+                index, failures = (index + 1) % len(urls), 0
+                self.metrics.jetstream_failovers.labels(
+                    to="primary" if index == 0 else "fallback"
+                ).inc()
             delay = backoff.next_delay()
-            index = (index + 1) % len(config.urls)
             self.metrics.jetstream_reconnects.inc()
-            self.replay.reconnecting()
             logger.warning(
                 "jetstream {} lost ({}{}); trying {} in {:g} s",
                 base,
                 reason,
                 "" if up is None else f" after {up:.0f} s up",
-                config.urls[index],
+                urls[index],
                 delay,
             )
             await trio.sleep(delay)
+
+    def _resume_cursor(self) -> int | None:
+        """Where the next connection starts: the newest event read minus the rewind (or the
+        saved cursor on the first connection, which needs no rewind: it is a real event's)."""
+        newest = self.seen.newest
+        if newest is None:
+            self._resume_point = self.start_cursor
+            return self.start_cursor
+        self._resume_point = newest
+        return max(1, newest - round(self.config.rewind * 1_000_000))
+
+    def _check_reach(self, base: str, time_us: int) -> None:
+        """On a connection's first event: did the server replay back to where we resumed?"""
+        resume, self._resume_point = self._resume_point, None
+        if resume is not None and time_us > resume:
+            self.metrics.jetstream_replay_gaps.inc()
+            logger.warning(
+                "jetstream {} cannot replay back to {}: its first event is {} ({:.1f} s later);"
+                " events in between may be lost",
+                base,
+                resume,
+                time_us,
+                (time_us - resume) / 1e6,
+            )
 
     async def _session(self, base: str, task_status: trio.TaskStatus[ReaderState]) -> None:
         """One connection, from TCP connect to its end (always an exception).
@@ -281,7 +349,7 @@ class _Reader:
         the handshake or closes first; we own the stream here and always close it.
         """
         config = self.config
-        cursor = self.replay.newest if self.replay.newest is not None else self.start_cursor
+        cursor = self._resume_cursor()
         url = subscribe_url(
             base,
             cursor=cursor,
@@ -326,7 +394,7 @@ class _Reader:
                     self._started = True
                     task_status.started(self.state)
                 try:
-                    await self._pump(ws)
+                    await self._pump(ws, base)
                 except Exception:
                     with trio.move_on_after(config.close_timeout):
                         await ws.aclose()  # polite close; a no-op if the server closed first
@@ -350,18 +418,24 @@ class _Reader:
             self.state.connections += 1
         self.metrics.jetstream_connected.set(1 if connected else 0)
 
-    async def _pump(self, ws: WebSocketConnection) -> None:
-        """Read frames until the connection fails; the idle timer runs only on the socket."""
-        idle_timeout = self.config.idle_timeout
+    async def _pump(self, ws: WebSocketConnection, base: str) -> None:
+        """Read frames until the connection fails (or, on a fallback, until it is time to fail
+        back); the idle timer runs only on the socket."""
+        config = self.config
+        connected_at = trio.current_time()
+        fail_back_at = connected_at + config.failback_after if self.state.url_index else inf
         while True:
-            with trio.move_on_after(idle_timeout) as waiting:
+            idle_at = trio.current_time() + config.idle_timeout
+            with trio.move_on_at(min(idle_at, fail_back_at)) as waiting:
                 frame = await ws.get_message()
             if waiting.cancelled_caught:
-                raise _ConnectionLost(f"no message for {idle_timeout:g} s")
+                if trio.current_time() >= fail_back_at:
+                    raise _FailBack
+                raise _ConnectionLost(f"no message for {config.idle_timeout:g} s")
             read_at = self.state.last_message_at = trio.current_time()
-            await self._handle(frame, read_at)
+            await self._handle(frame, read_at, base)
 
-    async def _handle(self, frame: str | bytes, read_at: float) -> None:
+    async def _handle(self, frame: str | bytes, read_at: float, base: str) -> None:
         metrics, tracker = self.metrics, self.tracker
         metrics.events_received.inc()
         try:
@@ -370,13 +444,16 @@ class _Reader:
             metrics.frames_malformed.inc()
             logger.warning("skipping {}", exc)
             if exc.time_us is not None:
+                self._check_reach(base, exc.time_us)
                 tracker.observe(exc.time_us)
             return
-        if not self.replay.admit(event):
+        self._check_reach(base, event.time_us)
+        if not self.seen.admit(event):
+            # A replay (the rewind, or a server re-sending): finished long ago. It must not
+            # touch the tracker, whose times may come from another instance's clock.
             metrics.events_skipped.labels("replayed").inc()
-            tracker.observe(event.time_us)
             return
-        self.state.newest_time_us = self.replay.newest
+        self.state.newest_time_us = self.seen.newest
         if event.job is None:
             metrics.events_skipped.labels(event.skip_reason or "other").inc()
             tracker.observe(event.time_us)
@@ -424,5 +501,6 @@ async def run_reader(
         state=state if state is not None else ReaderState(),
         start_cursor=start_cursor,
     )
+    reader.seen = _SeenEvents(config.seen_capacity)
     async with send:
         await reader.run(task_status)
