@@ -39,11 +39,14 @@ from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.notify import Notifier, run_watchdog
 from phash_trio.pipeline import run_worker
+from phash_trio.runtime.progress import ProgressCheck
 from phash_trio.store import RedisStore, run_health_monitor
 
 __all__ = ["Service", "StartupError", "run_service"]
 
 STATS_INTERVAL_SECS = 60.0
+#: The watchdog calls the service stuck after JOB_DEADLINE_SECS plus this without progress.
+WATCHDOG_MARGIN_SECS = 60.0
 
 
 class StartupError(Exception):
@@ -190,7 +193,12 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                         ) from None
                     logger.info("status endpoint on {}/metrics and /healthz", server.url)
                 root.start_soon(_stats_logger, service, tracker)
-                root.start_soon(run_watchdog, service.notifier)
+                progress = ProgressCheck(
+                    tracker,
+                    service.reader_state,
+                    window=settings.job_deadline_secs + WATCHDOG_MARGIN_SECS,
+                )
+                root.start_soon(run_watchdog, service.notifier, progress)
 
                 with pipeline_scope:
                     async with trio.open_nursery() as pipeline:
