@@ -219,3 +219,22 @@ async def test_hung_source_ends_at_the_deadline(world: World) -> None:
     assert world.tracker.pending == 0
     world.host.hang = False
     await _honest_post_still_acts(world, processor)
+
+
+async def test_unexpected_error_in_the_hash_stage_is_contained(
+    world: World, log_lines: list[str]
+) -> None:
+    """A hash pool that refuses work (closed under the job: HashPoolClosed, not an image
+    error) ends the job at the boundary: logged once with its traceback, counted by stage and
+    kind, dead-lettered; the cursor moves on."""
+    job = world.post("coffee.jpg")
+    processor = _processor(world)
+    processor.hasher.close()
+    assert await _settle(world, processor, job) is False
+    snap = world.metrics.snapshot()
+    assert snap["job_crashes[kind=HashPoolClosed,stage=hash]"] == 1
+    [letter] = world.dead_letters()
+    assert letter["error"].startswith("hash: HashPoolClosed: ")
+    crash_lines = [line for line in log_lines if "unexpected HashPoolClosed" in line]
+    assert len(crash_lines) == 1 and "Traceback" in crash_lines[0]
+    assert world.tracker.pending == 0
