@@ -8,6 +8,12 @@ transient failure (network, 5xx, Redis or Ozone down) fails the attempt: the pos
 caused only by an open circuit breaker waits for the breaker instead of spending an attempt
 (bounded by ``BREAKER_WAIT_MAX_SECS``). The post is marked finished in the cursor tracker only
 once it is decided or dead-lettered, so the saved cursor never passes it.
+
+:meth:`JobProcessor.process` is the job boundary: any other exception (a bug, a hostile input
+nobody foresaw) is logged once with its traceback, counted by stage and kind and the job
+dead-lettered; and the whole job, dead-letter write included, ends within ``JOB_DEADLINE_SECS``.
+A dead letter Redis will not take by then (down, READONLY, OOM) is logged in full at CRITICAL
+and counted, and the cursor moves on: holding it would stop all moderation.
 """
 
 from __future__ import annotations
