@@ -296,3 +296,21 @@ async def test_connection_cap_queues_the_rest(nursery: trio.Nursery) -> None:
     for stream in idle:
         await stream.aclose()
     assert 0.6 < waited < 5.0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff" * 64,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" * 1000,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: !!!not-base64!!!\r\n\r\n",
+    ],
+    ids=["h2-preface-then-garbage", "h2-window-update-flood", "h2c-upgrade-bad-settings"],
+)
+async def test_http2_garbage_is_contained(nursery: trio.Nursery, data: bytes) -> None:
+    """hypercorn also speaks HTTP/2 in clear text (prior knowledge or h2c upgrade): garbage
+    there ends that connection (within a guard) and the server keeps serving."""
+    server = await start(nursery, Metrics(), Health(), FAST)
+    await exchange(server, data, half_close=True)
+    await still_serving(server)

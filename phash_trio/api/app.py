@@ -51,8 +51,13 @@ class BodyLimit:
             await _refuse(send, 431, f"request head over {self.max_header_bytes} bytes\n")
             return
         for name, value in headers:
-            # h11 has already refused a malformed Content-Length with 400.
-            if name == b"content-length" and int(value) > self.max_bytes:
+            if name != b"content-length":
+                continue
+            # h11 refuses a malformed Content-Length itself; HTTP/2 (h2c) may pass it on.
+            if not value.isdigit():
+                await _refuse(send, 400, "bad content-length\n")
+                return
+            if int(value) > self.max_bytes:
                 await _refuse(send, 413, f"request body over {self.max_bytes} bytes\n")
                 return
         seen = 0
