@@ -15,7 +15,7 @@ import re
 
 import attrs
 
-from ._jpeg_errors import (
+from .errors import (
     JpegDecodeError,
     JpegFormatError,
     JpegTooLargeError,
@@ -105,7 +105,7 @@ class _Walk:
 def read_structure(data: bytes, *, max_pixels: int) -> JpegStructure:
     """Validate the first image of ``data`` and return its frame and a minimal stream.
 
-    Raises a :class:`~phash_trio._jpeg_errors.JpegDecodeError` subclass for anything that is
+    Raises a :class:`~phash_trio.image.jpeg.errors.JpegDecodeError` subclass for anything that is
     not a decodable baseline/progressive Huffman JPEG, or that is larger than ``max_pixels``.
     After the first complete scan, damage in later segments ends the image instead of failing
     it, as lenient decoders (the reference included) show what they have.
@@ -238,7 +238,7 @@ def _check_dri(body: bytes) -> None:
 
 
 # The stream we rebuild goes to libjpeg, which must never fail while reading the header: the
-# entry point we call crashes the process then (see _jpeg_coeffs). Mirror its header checks.
+# entry point we call crashes the process then (see coeffs.py). Mirror its header checks.
 _TABLE_CHECKS = {0xDB: _check_dqt, 0xC4: _check_dht, 0xDD: _check_dri}
 
 

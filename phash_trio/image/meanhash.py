@@ -1,13 +1,13 @@
 """The 8x8 mean hash, bit-exact with Rust ``image_hasher`` (``HashAlg::Mean``, 8x8) on ``image``.
 
 Rule files hold hashes made by the Rust service, so ours must agree bit for bit, not just be
-"perceptually close": decode as image-rs does (:mod:`phash_trio._decode`), ``to_luma8``, Lanczos3
-resize to 8x8 in f32 exactly as ``imageops::resize`` (:mod:`phash_trio._resize`), mean by integer
+"perceptually close": decode as image-rs does (:mod:`phash_trio.image.decode`), ``to_luma8``, Lanczos3
+resize to 8x8 in f32 exactly as ``imageops::resize`` (:mod:`phash_trio.image.resize`), mean by integer
 division, bit = ``value >= mean``, bits packed LsbFirst. See ``shared/HASH.md``.
 
 The value is ``int.from_bytes(hash_bytes, "big")``, so ``f"{value:016x}"`` is the reference hex.
 :func:`mean_hash` is synchronous and thread-safe; the service runs it in worker processes
-(:mod:`phash_trio.hashpool`, or threads with ``HASH_PROCESSES=0``), and
+(:mod:`phash_trio.image.pool`, or threads with ``HASH_PROCESSES=0``), and
 the heavy parts (Pillow decoding, numpy) release the GIL.
 
 Errors (all subclasses of :class:`ImageError`, message one line)::
@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from phash_trio._decode import (
+from phash_trio.image.decode import (
     CorruptImage,
     ImageError,
     ImageTooLarge,
     UnsupportedImage,
     decode_gray,
 )
-from phash_trio._resize import resize_gray
+from phash_trio.image.resize import resize_gray
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -5,13 +5,13 @@ The mean hash must match hashes computed by Rust ``image_hasher``; libjpeg-based
 few percent of photos. We take the quantised coefficients from libjpeg-turbo (they are the same
 in every decoder) and redo zune-jpeg's IDCT, upsampling and colour conversion on them.
 
-Errors (all :class:`JpegDecodeError`, see :mod:`phash_trio._jpeg_errors` for the tree):
+Errors (all :class:`JpegDecodeError`, see :mod:`phash_trio.image.jpeg.errors` for the tree):
 malformed or non-JPEG data, truncated image data, unsupported codings (12-bit, lossless,
 arithmetic, DNL, 2 components) and images above ``max_pixels``. Only the first image of an
 MPO is decoded. EXIF orientation and ICC profiles are ignored, as by the reference.
 
 Corrupt image data: where libjpeg substitutes zero for an undecodable Huffman code and goes on,
-zune-jpeg stops (see :mod:`phash_trio._jpeg_zune_walk`). For baseline single-scan images we find
+zune-jpeg stops (see :mod:`phash_trio.image.jpeg.zune_walk`). For baseline single-scan images we find
 that point and redo its result: the MCU row it stops in is still output, but its blocks from the
 failing one onward hold whatever zune's one-MCU-row buffers held, the previous MCU row's pixels
 (zeros in the first row); all output rows after it stay at 128. With vertical chroma
@@ -25,17 +25,17 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from ._jpeg_coeffs import Coefficients, read_coefficients
-from ._jpeg_errors import (
+from .coeffs import Coefficients, read_coefficients
+from .errors import (
     JpegDecodeError,
     JpegFormatError,
     JpegTooLargeError,
     JpegTruncatedError,
     JpegUnsupportedError,
 )
-from ._jpeg_markers import JpegStructure, read_structure
-from ._jpeg_pixels import ColourModel, assemble, idct_plane
-from ._jpeg_zune_walk import ZuneStop, find_zune_stop
+from .markers import JpegStructure, read_structure
+from .pixels import ColourModel, assemble, idct_plane
+from .zune_walk import ZuneStop, find_zune_stop
 
 __all__ = [
     "JpegDecodeError",

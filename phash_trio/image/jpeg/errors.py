@@ -1,4 +1,4 @@
-"""Errors raised while decoding a JPEG (re-exported by :mod:`phash_trio.jpegdecode`).
+"""Errors raised while decoding a JPEG (re-exported by :mod:`phash_trio.image.jpeg.decoder`).
 
 JpegDecodeError          -- any JPEG that does not yield pixels
  +-- JpegFormatError     -- not a JPEG, or a malformed one
@@ -21,31 +21,31 @@ __all__ = [
 class JpegDecodeError(Exception):
     """The bytes could not be decoded to pixels; the message says why in one line."""
 
-    __module__ = "phash_trio.jpegdecode"
+    __module__ = "phash_trio.image.jpeg.decoder"
 
 
 class JpegFormatError(JpegDecodeError):
     """The bytes are not a well-formed JPEG."""
 
-    __module__ = "phash_trio.jpegdecode"
+    __module__ = "phash_trio.image.jpeg.decoder"
 
 
 class JpegTruncatedError(JpegFormatError):
     """The entropy-coded data ends before every block of the image was coded."""
 
-    __module__ = "phash_trio.jpegdecode"
+    __module__ = "phash_trio.image.jpeg.decoder"
 
 
 class JpegUnsupportedError(JpegDecodeError):
     """The JPEG uses a coding process (12-bit, lossless, arithmetic, DNL...) we do not decode."""
 
-    __module__ = "phash_trio.jpegdecode"
+    __module__ = "phash_trio.image.jpeg.decoder"
 
 
 class JpegTooLargeError(JpegDecodeError):
     """The header announces more pixels than the caller allows."""
 
-    __module__ = "phash_trio.jpegdecode"
+    __module__ = "phash_trio.image.jpeg.decoder"
 
     def __init__(self, width: int, height: int, max_pixels: int) -> None:
         super().__init__(

@@ -16,7 +16,7 @@ import re
 
 import attrs
 
-from ._jpeg_markers import JpegStructure
+from .markers import JpegStructure
 
 __all__ = ["DEFAULT_MAX_BLOCKS", "ZuneStop", "find_zune_stop"]
 

@@ -2,7 +2,7 @@
 
 Threads cannot do it: libjpeg is called under a global lock (jpeglib's build is not
 thread-safe) and much of the numpy work holds the GIL, so two hash threads get ~1.2x of one.
-:class:`HashPool` runs :func:`~phash_trio.hashing.mean_hash` in a
+:class:`HashPool` runs :func:`~phash_trio.image.meanhash.mean_hash` in a
 :class:`~concurrent.futures.ProcessPoolExecutor` instead (``HASH_PROCESSES`` workers), or in
 Trio worker threads as before when ``processes`` is 0 (small machines, tests).
 
@@ -17,7 +17,7 @@ A worker that dies (killed, e.g. by the OOM killer) breaks the whole executor an
 in it. The pool logs one line, counts ``errors{kind="hash_worker_died"}``, starts a fresh
 executor and runs the failed jobs once more, so blobs that were only in the wrong place at the
 wrong time still get hashed. A job that meets a broken pool twice raises
-:class:`HashWorkerDied`, an :class:`~phash_trio.hashing.ImageError`: the pipeline counts that
+:class:`HashWorkerDied`, an :class:`~phash_trio.image.meanhash.ImageError`: the pipeline counts that
 blob as bad and moves on instead of retrying the post (a poison blob would kill the pool on
 every attempt). If the workers of a fresh executor die before running one job, restarting cannot
 help: :class:`HashPoolBroken` stops the service loudly instead of marking every blob bad.
@@ -41,7 +41,7 @@ import trio
 from loguru import logger
 
 from phash_trio.config import Settings
-from phash_trio.hashing import ImageError, mean_hash
+from phash_trio.image.meanhash import ImageError, mean_hash
 from phash_trio.metrics import Metrics
 
 __all__ = ["HashPool", "HashPoolBroken", "HashPoolClosed", "HashWorkerDied"]
@@ -89,7 +89,7 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         # Imported once in the server, inherited by every worker it forks.
-        ctx.set_forkserver_preload(["phash_trio.hashpool"])
+        ctx.set_forkserver_preload(["phash_trio.image.pool"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -152,7 +152,7 @@ class HashPool:
         self._executor, self._started = executor, started
 
     async def hash(self, data: bytes, *, max_pixels: int, max_bytes: int) -> int:
-        """:func:`~phash_trio.hashing.mean_hash` of ``data``; its :class:`ImageError` unchanged."""
+        """:func:`~phash_trio.image.meanhash.mean_hash` of ``data``; its :class:`ImageError` unchanged."""
         return await self.call(partial(mean_hash, data, max_pixels=max_pixels, max_bytes=max_bytes))
 
     async def call(self, fn: Callable[[], T]) -> T:

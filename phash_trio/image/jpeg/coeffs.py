@@ -11,7 +11,7 @@ serialises the calls.
 
 Beware: ``read_jpeg_dct`` crashes the process (it closes an uninitialised ``FILE *``) when
 libjpeg rejects the *header*; errors in the image data are caught cleanly. The stream we pass
-is rebuilt by :mod:`phash_trio._jpeg_markers`, which applies libjpeg's header checks first.
+is rebuilt by :mod:`phash_trio.image.jpeg.markers`, which applies libjpeg's header checks first.
 ``read_jpeg_info`` would check safely but entropy-decodes the whole image and warns on stderr.
 Buffers are sized with libjpeg's own formula (``jdinput.c``: ``ceil(W * h / (max_h * 8))``).
 
@@ -35,8 +35,8 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from ._jpeg_errors import JpegFormatError
-from ._jpeg_markers import JpegStructure
+from .errors import JpegFormatError
+from .markers import JpegStructure
 
 __all__ = ["Coefficients", "block_dims", "read_coefficients"]
 

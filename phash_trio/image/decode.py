@@ -11,7 +11,7 @@ format by format:
   in full by decoding the IDAT stream a second time with a low-byte raw mode;
 * GIF: the first frame is parsed here (palette colour even for the transparent index, 0 outside
   the frame's rectangle, no palette is an error) and only its LZW data goes to Pillow;
-* JPEG/MPO: :mod:`phash_trio.jpegdecode`, a zune-jpeg port (libjpeg's pixels differ);
+* JPEG/MPO: :mod:`phash_trio.image.jpeg.decoder`, a zune-jpeg port (libjpeg's pixels differ);
 * WebP: Pillow (libwebp) for stills; the first frame of an animation is cut out into a still,
   decoded, and composited as image-webp 0.2.4 does (transparent canvas, its integer blend);
 * BMP, TIFF: Pillow, first frame.
@@ -73,25 +73,25 @@ _DECODER_ERRORS = (
 class ImageError(Exception):
     """The bytes cannot be hashed; ``str()`` is one line saying why."""
 
-    __module__ = "phash_trio.hashing"
+    __module__ = "phash_trio.image"
 
 
 class ImageTooLarge(ImageError):
     """More bytes or pixels than allowed (a decompression bomb or just too big)."""
 
-    __module__ = "phash_trio.hashing"
+    __module__ = "phash_trio.image"
 
 
 class UnsupportedImage(ImageError):
     """Empty input, not an image, or a format the reference does not decode."""
 
-    __module__ = "phash_trio.hashing"
+    __module__ = "phash_trio.image"
 
 
 class CorruptImage(ImageError):
     """Truncated or malformed image data."""
 
-    __module__ = "phash_trio.hashing"
+    __module__ = "phash_trio.image"
 
 
 class ImageFormat(enum.Enum):
@@ -733,12 +733,12 @@ def _decode_gif_frame(data: bytes, limit: int) -> U8Array:
 
 
 def _decode_jpeg(data: bytes, limit: int) -> U8Array:
-    """zune-jpeg's pixels via :mod:`phash_trio.jpegdecode` (imported on first use).
+    """zune-jpeg's pixels via :mod:`phash_trio.image.jpeg.decoder` (imported on first use).
 
     No Pillow fallback: libjpeg-turbo's pixels differ from zune-jpeg's, and a file the zune
     port refuses is refused by the reference too.
     """
-    from phash_trio import jpegdecode
+    from phash_trio.image.jpeg import decoder as jpegdecode
 
     too_large = getattr(jpegdecode, "JpegTooLargeError", ())
     unsupported = getattr(jpegdecode, "JpegUnsupportedError", ())
