@@ -12,8 +12,8 @@ from phash_trio.blobs import BlobFetcher
 from phash_trio.breaker import CircuitBreaker
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import CursorTracker
-from phash_trio.hashpool import HashPool
 from phash_trio.identity import PdsResolver
+from phash_trio.image.pool import HashPool
 from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.net.transport import guarded_transport

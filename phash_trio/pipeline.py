@@ -1,7 +1,7 @@
 """Workers: take an image post from the channel and see it through to a decision.
 
 Per blob: hash cache -> fetch (CDN, then PDS) -> hash (in worker processes, or threads: see
-:mod:`phash_trio.hashpool`) -> match -> actions. A bad blob (not found, too large, not an image,
+:mod:`phash_trio.image.pool`) -> match -> actions. A bad blob (not found, too large, not an image,
 or one that killed the hash worker twice) is counted and logged and does not fail the post. A
 transient failure (network, 5xx, Redis or Ozone down) fails the attempt: the post is tried again
 ``RETRY_ATTEMPTS`` times with a doubling delay, then stored in the dead-letter list. A failure
@@ -31,8 +31,8 @@ from loguru import logger
 from phash_trio.actions import Actions
 from phash_trio.blobs import BlobError, BlobFetcher, BlobUnavailable
 from phash_trio.firehose.cursor import CursorTracker
-from phash_trio.hashing import ImageError, format_hash
-from phash_trio.hashpool import HashPool
+from phash_trio.image.meanhash import ImageError, format_hash
+from phash_trio.image.pool import HashPool
 from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.matching import Match, RuleIndex
 from phash_trio.metrics import Metrics

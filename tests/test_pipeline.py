@@ -24,9 +24,9 @@ from phash_trio.actions import Actions, RateSpacer
 from phash_trio.blobs import BlobFetcher
 from phash_trio.breaker import BreakerState, CircuitBreaker
 from phash_trio.firehose.cursor import CursorTracker
-from phash_trio.hashing import mean_hash
-from phash_trio.hashpool import HashPool
 from phash_trio.identity import PdsResolver
+from phash_trio.image.meanhash import mean_hash
+from phash_trio.image.pool import HashPool
 from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
