@@ -29,10 +29,13 @@ from pathlib import Path  # noqa: E402
 import imagehash  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from phash_trio._decode import decode_gray  # noqa: E402
-from phash_trio.hashing import ImageError, format_hash, hash_gray, mean_hash  # noqa: E402
+from phash_trio.image.decode import decode_gray  # noqa: E402
+from phash_trio.image.meanhash import ImageError, format_hash, hash_gray, mean_hash  # noqa: E402
 
-DEFAULT_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+_FULL_GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+_SUBSET_GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden"
+#: The full golden set when ../shared is beside the repository, else the in-repository subset.
+DEFAULT_GOLDEN = _FULL_GOLDEN if (_FULL_GOLDEN / "mean8.tsv").is_file() else _SUBSET_GOLDEN
 
 
 def _pin_one_cpu() -> str:

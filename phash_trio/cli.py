@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def _cmd_hash(args: argparse.Namespace) -> int:
-    from phash_trio.hashing import ImageError, hash_file
+    from phash_trio.image.meanhash import ImageError, hash_file
 
     status = 0
     for name in args.files:

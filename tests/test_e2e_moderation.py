@@ -23,7 +23,7 @@ from e2e_helpers import GUARD, delivered, finished, harness, host_blobs, jobs_of
 
 from phash_trio.actions import claim_key, planned_actions
 from phash_trio.events import externalid
-from phash_trio.hashing import ImageError, mean_hash
+from phash_trio.image.meanhash import ImageError, mean_hash
 from phash_trio.matching import RuleIndex
 from phash_trio.model import load_rules
 from phash_trio.testing.blobhost import cid_for

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from phash_trio.actions import planned_actions
 from phash_trio.events import externalid
-from phash_trio.hashing import ImageError, mean_hash
+from phash_trio.image.meanhash import ImageError, mean_hash
 from phash_trio.matching import RuleIndex
 from phash_trio.model import load_rules
 from phash_trio.testing.blobhost import cid_for

@@ -16,8 +16,9 @@ import pytest
 import trio
 from PIL import Image
 
-from phash_trio import _decode, _resize
-from phash_trio.hashing import (
+from phash_trio.image import decode as _decode
+from phash_trio.image import resize as _resize
+from phash_trio.image.meanhash import (
     CorruptImage,
     ImageError,
     ImageTooLarge,

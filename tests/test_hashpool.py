@@ -12,8 +12,14 @@ import pytest
 import trio
 
 from phash_trio.config import ConfigError, Settings, load_settings
-from phash_trio.hashing import CorruptImage, ImageError, ImageTooLarge, UnsupportedImage, mean_hash
-from phash_trio.hashpool import HashPool, HashPoolClosed, HashWorkerDied
+from phash_trio.image.meanhash import (
+    CorruptImage,
+    ImageError,
+    ImageTooLarge,
+    UnsupportedImage,
+    mean_hash,
+)
+from phash_trio.image.pool import HashPool, HashPoolClosed, HashWorkerDied
 from phash_trio.metrics import Metrics
 from phash_trio.testing.capture import IMAGES_DIR
 

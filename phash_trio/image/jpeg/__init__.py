@@ -1,0 +1,1 @@
+"""JPEG decoding the zune-jpeg way, on the DCT coefficients libjpeg-turbo reads."""
