@@ -27,7 +27,7 @@ from realnet import (
     subject_status,
 )
 
-from phash_trio.hashing import format_hash, mean_hash
+from phash_trio.image.meanhash import format_hash, mean_hash
 from phash_trio.testing.capture import IMAGES_DIR
 from phash_trio.testing.jetstream_replay import ReplayServer, run_replay_server
 from phash_trio.testing.localnet import ServiceProcess
