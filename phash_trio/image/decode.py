@@ -1,4 +1,7 @@
-"""Image bytes -> the 8-bit gray pixels that image-rs ``load_from_memory(..).to_luma8()`` gives.
+"""Image bytes -> the pixels image-rs ``load_from_memory(..)`` gives, then ``to_luma8``/``to_rgb8``.
+
+:func:`decode_gray` is what the mean hash uses; :func:`decode_rgb` (``to_rgb8``) is for PDQ;
+:func:`decode_pixels` is the colour type the reference's decoder produced, before conversion.
 
 The reference (image 0.25.10 with features jpeg, png, gif, webp, bmp, tiff) is reproduced
 format by format:
@@ -36,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from loguru import logger
 from PIL import Image, ImageFile, TiffTags, UnidentifiedImageError
 
 __all__ = [
@@ -46,13 +48,19 @@ __all__ = [
     "ImageTooLarge",
     "UnsupportedImage",
     "decode_gray",
+    "decode_pixels",
+    "decode_rgb",
     "header_size",
     "luma_from_rgb8",
     "luma_from_rgb16",
     "sniff_format",
+    "to_luma8",
+    "to_rgb8",
 ]
 
 U8Array = npt.NDArray[np.uint8]
+#: Decoded pixels: uint8 or uint16, ``(H, W)`` gray or ``(H, W, 3|4)`` RGB(A).
+PixelArray = npt.NDArray[Any]
 F32 = np.float32
 
 # Exceptions Pillow (and struct/zlib under it) raise on broken data.
@@ -351,6 +359,24 @@ def _gray16_to_8(gray: npt.NDArray[Any]) -> U8Array:
 
 def decode_gray(data: bytes, *, max_pixels: int) -> U8Array:
     """The 2-D uint8 gray image the reference hashes, or a typed :class:`ImageError`."""
+    return to_luma8(decode_pixels(data, max_pixels=max_pixels))
+
+
+def decode_rgb(data: bytes, *, max_pixels: int) -> U8Array:
+    """``(H, W, 3)`` uint8: what image-rs ``load_from_memory(..).to_rgb8()`` gives (for PDQ).
+
+    Alpha is dropped (never composited), gray is repeated into the three channels, 16-bit
+    samples become ``(v + 128) / 257``. Same errors and limits as :func:`decode_gray`.
+    """
+    return to_rgb8(decode_pixels(data, max_pixels=max_pixels))
+
+
+def decode_pixels(data: bytes, *, max_pixels: int) -> PixelArray:
+    """The decoded pixels in the colour type the reference's decoder gives.
+
+    One of: ``(H, W)`` uint8 (Luma8) or uint16 (Luma16); ``(H, W, 3|4)`` uint8 (Rgb8/Rgba8)
+    or uint16 (Rgb16/Rgba16). Gray+alpha arrives as gray: the alpha is never used.
+    """
     fmt = sniff_format(data)
     width, height = header_size(fmt, data)
     if width <= 0 or height <= 0:
@@ -362,25 +388,48 @@ def decode_gray(data: bytes, *, max_pixels: int) -> U8Array:
         )
     try:
         if fmt is ImageFormat.PNG:
-            gray = _decode_png(data)
+            pixels = _decode_png(data)
         elif fmt is ImageFormat.GIF:
-            gray = _decode_gif(data, limit)
+            pixels = _decode_gif(data, limit)
         elif fmt is ImageFormat.JPEG:
-            gray = _decode_jpeg(data, limit)
+            pixels = _decode_jpeg(data, limit)
         elif fmt is ImageFormat.WEBP:
-            gray = _decode_webp(data, limit)
+            pixels = _decode_webp(data, limit)
         else:
-            gray = _decode_pillow(data, fmt, limit)
+            pixels = _decode_pillow(data, fmt, limit)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{fmt.value}: {exc}") from None
     except MemoryError:
         raise ImageTooLarge(f"{fmt.value}: out of memory decoding {width}x{height}") from None
     except _DECODER_ERRORS as exc:
-        logger.debug("{} decoder raised {}: {}", fmt.value, type(exc).__name__, exc)
         raise CorruptImage(f"{fmt.value}: {_one_line(exc)}") from None
-    if gray.ndim != 2 or gray.size == 0:
+    if pixels.size == 0 or not _is_pixel_array(pixels):
         raise CorruptImage(f"{fmt.value}: decoder returned no pixels")
-    return gray
+    return pixels
+
+
+def _is_pixel_array(pixels: PixelArray) -> bool:
+    if pixels.dtype not in (np.uint8, np.uint16):
+        return False
+    return pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))
+
+
+def to_luma8(pixels: PixelArray) -> U8Array:
+    """image-rs ``to_luma8`` of any array :func:`decode_pixels` returns."""
+    if pixels.ndim == 2:
+        return pixels if pixels.dtype == np.uint8 else _gray16_to_8(pixels)
+    if pixels.dtype == np.uint8:
+        return luma_from_rgb8(pixels)
+    return luma_from_rgb16(pixels)
+
+
+def to_rgb8(pixels: PixelArray) -> U8Array:
+    """image-rs ``to_rgb8`` of any array :func:`decode_pixels` returns."""
+    if pixels.dtype == np.uint16:
+        pixels = _gray16_to_8(pixels[..., :3] if pixels.ndim == 3 else pixels)
+    if pixels.ndim == 2:
+        return np.repeat(pixels[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(pixels[..., :3])
 
 
 def _pixel_limit(max_pixels: int) -> int:
@@ -404,8 +453,8 @@ def _open(data: bytes, fmt: str) -> ImageFile.ImageFile:
     return im
 
 
-def _pillow_gray(im: Image.Image) -> U8Array:
-    """Gray pixels from a loaded Pillow image, following ``to_luma8`` per colour type."""
+def _pillow_pixels(im: Image.Image) -> PixelArray:
+    """The pixels of a loaded Pillow image in the colour type image-rs would decode."""
     mode = im.mode
     if mode == "L":
         return np.asarray(im)
@@ -414,11 +463,12 @@ def _pillow_gray(im: Image.Image) -> U8Array:
     if mode == "1":
         return np.asarray(im.convert("L"))
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return _gray16_to_8(np.asarray(im))
+        return np.asarray(im).astype(np.uint16)
     if mode == "P":
-        return luma_from_rgb8(_palette_lut(im.getpalette("RGB") or [])[np.asarray(im)])
+        rgb: U8Array = _palette_lut(im.getpalette("RGB") or [])[np.asarray(im)]
+        return rgb
     if mode in ("RGB", "RGBA", "RGBX"):
-        return luma_from_rgb8(np.asarray(im))
+        return np.asarray(im)
     raise UnsupportedImage(f"{(im.format or 'image').lower()}: pixel mode {mode} not supported")
 
 
@@ -432,15 +482,15 @@ def _palette_lut(palette: bytes | list[int]) -> U8Array:
     return lut
 
 
-def _decode_pillow(data: bytes, fmt: ImageFormat, limit: int) -> U8Array:
+def _decode_pillow(data: bytes, fmt: ImageFormat, limit: int) -> PixelArray:
     name = {ImageFormat.WEBP: "WEBP", ImageFormat.BMP: "BMP", ImageFormat.TIFF: "TIFF"}[fmt]
     with _open(data, name) as im:
         if im.width * im.height > limit:
             raise ImageTooLarge(f"{fmt.value}: {im.width}x{im.height} exceeds {limit} pixels")
         im.load()
         if im.mode == "CMYK":
-            return luma_from_rgb8(np.asarray(im.convert("RGB")))
-        return _pillow_gray(im)
+            return np.asarray(im.convert("RGB"))
+        return _pillow_pixels(im)
 
 
 # --------------------------------------------------------------------------- WebP
@@ -461,7 +511,7 @@ def _riff_chunks(data: bytes, start: int, stop: int) -> list[tuple[bytes, int, i
     return chunks
 
 
-def _decode_webp(data: bytes, limit: int) -> U8Array:
+def _decode_webp(data: bytes, limit: int) -> PixelArray:
     """Stills through Pillow; animations by their first frame, composited like image-webp.
 
     libwebp (Pillow) composites the first frame onto a transparent canvas without blending;
@@ -499,7 +549,7 @@ def _decode_webp(data: bytes, limit: int) -> U8Array:
         region[..., : frame.shape[2]] = frame
         if frame.shape[2] == 3:
             region[..., 3] = 255
-    return luma_from_rgb8(canvas)
+    return canvas
 
 
 def _webp_frame_pixels(
@@ -615,13 +665,13 @@ def _png_minimal(data: bytes) -> tuple[bytes, int, int]:
     return b"".join(kept), depth, colour
 
 
-def _decode_png(data: bytes) -> U8Array:
+def _decode_png(data: bytes) -> PixelArray:
     png, depth, colour = _png_minimal(data)
     if depth == 16 and colour in (2, 4, 6):
         return _decode_png16_colour(png, colour)
     with _open(png, "PNG") as im:
         im.load()
-        return _pillow_gray(im)
+        return _pillow_pixels(im)
 
 
 def _load_with_rawmode(png: bytes, rawmode: str) -> npt.NDArray[np.uint8]:
@@ -632,7 +682,7 @@ def _load_with_rawmode(png: bytes, rawmode: str) -> npt.NDArray[np.uint8]:
         return np.asarray(im)
 
 
-def _decode_png16_colour(png: bytes, colour: int) -> U8Array:
+def _decode_png16_colour(png: bytes, colour: int) -> PixelArray:
     """16-bit RGB, RGBA, gray+alpha: Pillow keeps only the high bytes, so fetch the low ones.
 
     The unfilter stride comes from the raw mode's bits per pixel, so ``RGB;16L``/
@@ -641,11 +691,11 @@ def _decode_png16_colour(png: bytes, colour: int) -> U8Array:
     """
     if colour == 4:
         raw = _load_with_rawmode(png, "RGBA").astype(np.uint16)
-        return _gray16_to_8((raw[..., 0] << 8) | raw[..., 1])
+        return (raw[..., 0] << 8) | raw[..., 1]
     base = "RGB" if colour == 2 else "RGBA"
     high = _load_with_rawmode(png, base + ";16B").astype(np.uint16)
     low = _load_with_rawmode(png, base + ";16L")
-    return luma_from_rgb16((high << 8) | low.astype(np.uint16))
+    return (high << 8) | low.astype(np.uint16)
 
 
 # --------------------------------------------------------------------------- GIF
@@ -662,7 +712,7 @@ def _skip_sub_blocks(data: bytes, pos: int) -> int:
             raise CorruptImage("gif: unexpected end of file")
 
 
-def _decode_gif(data: bytes, limit: int) -> U8Array:
+def _decode_gif(data: bytes, limit: int) -> PixelArray:
     """First frame as the gif crate + image-rs compose it: screen-sized, 0 outside the frame."""
     try:
         return _decode_gif_frame(data, limit)
@@ -670,7 +720,7 @@ def _decode_gif(data: bytes, limit: int) -> U8Array:
         raise CorruptImage("gif: unexpected end of file") from None
 
 
-def _decode_gif_frame(data: bytes, limit: int) -> U8Array:
+def _decode_gif_frame(data: bytes, limit: int) -> PixelArray:
     screen_w, screen_h, flags = struct.unpack_from("<HHB", data, 6)
     pos = 13
     global_palette = b""
@@ -719,20 +769,18 @@ def _decode_gif_frame(data: bytes, limit: int) -> U8Array:
     indices = np.asarray(frame)
 
     # Palette colour for every index (transparent too); indices past the table stay black.
-    frame_gray = luma_from_rgb8(_palette_lut(palette)[indices])
     del transparent  # alpha is dropped: the transparent index keeps its palette colour
-
-    canvas = np.zeros((screen_h, screen_w), dtype=np.uint8)
+    canvas = np.zeros((screen_h, screen_w, 3), dtype=np.uint8)
     x1, y1 = min(left + width, screen_w), min(top + height, screen_h)
     if left < x1 and top < y1:
-        canvas[top:y1, left:x1] = frame_gray[: y1 - top, : x1 - left]
+        canvas[top:y1, left:x1] = _palette_lut(palette)[indices[: y1 - top, : x1 - left]]
     return canvas
 
 
 # --------------------------------------------------------------------------- JPEG
 
 
-def _decode_jpeg(data: bytes, limit: int) -> U8Array:
+def _decode_jpeg(data: bytes, limit: int) -> PixelArray:
     """zune-jpeg's pixels via :mod:`phash_trio.image.jpeg.decoder` (imported on first use).
 
     No Pillow fallback: libjpeg-turbo's pixels differ from zune-jpeg's, and a file the zune
@@ -751,8 +799,6 @@ def _decode_jpeg(data: bytes, limit: int) -> U8Array:
     except jpegdecode.JpegDecodeError as exc:
         raise CorruptImage(f"jpeg: {_one_line(exc)}") from None
     arr = np.asarray(pixels, dtype=np.uint8)
-    if arr.ndim == 2:
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3):
         return arr
-    if arr.ndim == 3 and arr.shape[2] >= 3:
-        return luma_from_rgb8(arr)
     raise CorruptImage(f"jpeg: decoder returned pixels of shape {arr.shape}")
