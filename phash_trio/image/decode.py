@@ -35,11 +35,20 @@ import functools
 import io
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import attrs
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageFile, TiffTags, UnidentifiedImageError
+
+from phash_trio.image.bmprle import use_fast_rle
+
+try:
+    from PIL import _webp
+except ImportError:  # pragma: no cover - Pillow built without WebP
+    _webp = None  # type: ignore[assignment]
 
 __all__ = [
     "CorruptImage",
@@ -219,11 +228,25 @@ _TIFF_UNIT = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4
 
 
 def _tiff_size(data: bytes) -> tuple[int, int]:
-    """Size from the first IFD, which must be well formed.
+    fields = _tiff_fields(data)
+    if 256 not in fields or 257 not in fields:
+        raise CorruptImage("tiff: no image size in the first IFD")
+    return fields[256], fields[257]
+
+
+#: Tags whose first value we keep: size, samples, tile and strip geometry.
+_TIFF_WANTED = frozenset({256, 257, 258, 277, 278, 322, 323})
+#: Types whose count is a byte count (BYTE, ASCII, SBYTE, UNDEFINED): ICC profiles, JPEG
+#: tables, XMP. Pillow's "length 1" for such tags means one blob, not one byte.
+_TIFF_BYTES = frozenset({1, 2, 6, 7})
+
+
+def _tiff_fields(data: bytes) -> dict[int, int]:
+    """First values of the tags in :data:`_TIFF_WANTED`, from a well-formed first IFD.
 
     Pillow only *warns* about IFD entries pointing past the end of the file, a truncated IFD or
-    extra values in single-valued tags, then decodes whatever it can; we refuse those files
-    (a warning is no answer, and the tiff crate is strict).
+    extra values in single-valued numeric tags, then decodes whatever it can; we refuse those
+    files (a warning is no answer, and the tiff crate is strict).
     """
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\x00", b"\x00+")
@@ -247,20 +270,40 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
         if unit is None:
             continue  # Pillow skips unknown types
         size = values * unit
+        where = at + 4 + inline
         if size > inline:
-            (offset,) = struct.unpack_from(order + ("Q" if big else "I"), data, at + 4 + inline)
+            (where,) = struct.unpack_from(order + ("Q" if big else "I"), data, where)
             total += size
-            if offset + size > len(data) or total > len(data):
+            if where + size > len(data) or total > len(data):
                 raise CorruptImage(f"tiff: data of tag {tag} lies past the end of the file")
-        if kind != 2 and values > 1 and tag != 262 and TiffTags.lookup(tag).length == 1:
+        numeric = kind not in _TIFF_BYTES
+        if numeric and values > 1 and tag != 262 and TiffTags.lookup(tag).length == 1:
             raise CorruptImage(f"tiff: tag {tag} has {values} values, expected 1")
-        if tag in (256, 257) and values == 1 and kind in (3, 4, 16):
+        if tag in _TIFF_WANTED and values >= 1 and kind in (3, 4, 16):
             fmt = {3: "H", 4: "I", 16: "Q"}[kind]
-            (value,) = struct.unpack_from(order + fmt, data, at + 4 + inline)
+            (value,) = struct.unpack_from(order + fmt, data, where)
             found[tag] = int(value)
-    if 256 not in found or 257 not in found:
-        raise CorruptImage("tiff: no image size in the first IFD")
-    return found[256], found[257]
+    return found
+
+
+def _tiff_check_blocks(data: bytes, limit: int) -> None:
+    """The pixel cap applies to each tile and strip too: libtiff allocates a whole one.
+
+    A 16x16 image may declare one 40000x40000 tile (1.6 GB before a pixel is read).
+    """
+    fields = _tiff_fields(data)
+    width, height = fields.get(256, 0), fields.get(257, 0)
+    if 322 in fields or 323 in fields:
+        tile_w, tile_h = fields.get(322, 0), fields.get(323, 0)
+        if tile_w <= 0 or tile_h <= 0:
+            raise CorruptImage(f"tiff: bad tile size {tile_w}x{tile_h}")
+        if tile_w * tile_h > limit:
+            raise ImageTooLarge(
+                f"tiff: tile {tile_w}x{tile_h} is {tile_w * tile_h} pixels, limit {limit}"
+            )
+    rows = min(fields.get(278, height), height)
+    if width * rows > limit:  # cannot happen while width x height is capped; kept explicit
+        raise ImageTooLarge(f"tiff: strip of {rows} rows of {width} exceeds {limit} pixels")
 
 
 _HEADER_READERS = {
@@ -341,11 +384,15 @@ def luma_from_rgb16(rgb: npt.NDArray[np.integer[Any]]) -> U8Array:
     ``(l * 255).round()`` (half away from zero, in f64 so that ``+ 0.5`` is exact), saturated.
     """
     tr, tg, tb = _luma_tables(16)
-    total: npt.NDArray[np.float32] = tr[rgb[..., 0]] + tg[rgb[..., 1]]
-    total += tb[rgb[..., 2]]
+    total: npt.NDArray[np.float32] = tr.take(rgb[..., 0])  # take: 3x faster than indexing
+    total += tg.take(rgb[..., 1])
+    total += tb.take(rgb[..., 2])
     total *= F32(255.0)
-    rounded = np.floor(total.astype(np.float64) + 0.5)
-    out: U8Array = np.clip(rounded, 0.0, 255.0).astype(np.uint8)
+    wide = total.astype(np.float64)
+    wide += 0.5
+    np.floor(wide, out=wide)
+    np.clip(wide, 0.0, 255.0, out=wide)
+    out: U8Array = wide.astype(np.uint8)
     return out
 
 
@@ -359,7 +406,7 @@ def _gray16_to_8(gray: npt.NDArray[Any]) -> U8Array:
 
 def decode_gray(data: bytes, *, max_pixels: int) -> U8Array:
     """The 2-D uint8 gray image the reference hashes, or a typed :class:`ImageError`."""
-    return to_luma8(decode_pixels(data, max_pixels=max_pixels))
+    return _converted(to_luma8, _decode(data, max_pixels))
 
 
 def decode_rgb(data: bytes, *, max_pixels: int) -> U8Array:
@@ -368,7 +415,16 @@ def decode_rgb(data: bytes, *, max_pixels: int) -> U8Array:
     Alpha is dropped (never composited), gray is repeated into the three channels, 16-bit
     samples become ``(v + 128) / 257``. Same errors and limits as :func:`decode_gray`.
     """
-    return to_rgb8(decode_pixels(data, max_pixels=max_pixels))
+    return _converted(to_rgb8, _decode(data, max_pixels))
+
+
+def _converted(
+    convert: Callable[[PixelArray | Banded], U8Array], source: PixelArray | Banded
+) -> U8Array:
+    try:
+        return convert(source)
+    except MemoryError:
+        raise ImageTooLarge("out of memory converting the decoded pixels") from None
 
 
 def decode_pixels(data: bytes, *, max_pixels: int) -> PixelArray:
@@ -377,6 +433,11 @@ def decode_pixels(data: bytes, *, max_pixels: int) -> PixelArray:
     One of: ``(H, W)`` uint8 (Luma8) or uint16 (Luma16); ``(H, W, 3|4)`` uint8 (Rgb8/Rgba8)
     or uint16 (Rgb16/Rgba16). Gray+alpha arrives as gray: the alpha is never used.
     """
+    source = _decode(data, max_pixels)
+    return source if isinstance(source, np.ndarray) else source.whole()
+
+
+def _decode(data: bytes, max_pixels: int) -> PixelArray | Banded:
     fmt = sniff_format(data)
     width, height = header_size(fmt, data)
     if width <= 0 or height <= 0:
@@ -385,6 +446,12 @@ def decode_pixels(data: bytes, *, max_pixels: int) -> PixelArray:
     if width * height > limit:
         raise ImageTooLarge(
             f"{fmt.value}: {width}x{height} is {width * height} pixels, limit {limit}"
+        )
+    sample_bytes = width * height * _bytes_per_pixel(fmt, data)
+    if sample_bytes > SAMPLE_BUDGET:
+        raise ImageTooLarge(
+            f"{fmt.value}: {width}x{height} at {sample_bytes // (width * height)} bytes a pixel"
+            f" is {sample_bytes >> 20} MiB of samples, limit {SAMPLE_BUDGET >> 20} MiB"
         )
     try:
         if fmt is ImageFormat.PNG:
@@ -403,9 +470,28 @@ def decode_pixels(data: bytes, *, max_pixels: int) -> PixelArray:
         raise ImageTooLarge(f"{fmt.value}: out of memory decoding {width}x{height}") from None
     except _DECODER_ERRORS as exc:
         raise CorruptImage(f"{fmt.value}: {_one_line(exc)}") from None
-    if pixels.size == 0 or not _is_pixel_array(pixels):
+    if isinstance(pixels, np.ndarray) and (pixels.size == 0 or not _is_pixel_array(pixels)):
         raise CorruptImage(f"{fmt.value}: decoder returned no pixels")
     return pixels
+
+
+#: Most bytes of decoded samples one image may need. 8-bit images stay under it up to the
+#: pixel cap (25 MP RGBA is 100 MB); 16-bit colour PNG/TIFF past ~16 MP do not: Pillow decodes
+#: such a PNG twice (high, then low bytes), 2.4 s and 280 MB at 25 MP. Such a file fits in a
+#: 2 MB blob only when it is synthetic (a real 16 MP 16-bit photo is > 50 MB).
+SAMPLE_BUDGET = 128 << 20
+
+
+def _bytes_per_pixel(fmt: ImageFormat, data: bytes) -> int:
+    """Decoded bytes per pixel as the header declares them (4 where it does not say)."""
+    if fmt is ImageFormat.PNG and len(data) >= 26:
+        depth, colour = data[24], data[25]
+        channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 4)
+        return max(1, channels * depth // 8)
+    if fmt is ImageFormat.TIFF:
+        fields = _tiff_fields(data)
+        return max(1, fields.get(277, 1) * -(-fields.get(258, 8) // 8))
+    return 4
 
 
 def _is_pixel_array(pixels: PixelArray) -> bool:
@@ -414,8 +500,48 @@ def _is_pixel_array(pixels: PixelArray) -> bool:
     return pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))
 
 
-def to_luma8(pixels: PixelArray) -> U8Array:
-    """image-rs ``to_luma8`` of any array :func:`decode_pixels` returns."""
+@attrs.frozen
+class Banded:
+    """Pixels read band by band, so converting a big image never holds a second full copy.
+
+    ``band(y0, y1)`` returns rows ``y0:y1`` as a pixel array (what :func:`decode_pixels`
+    would hold for them); a 25 MP RGBA image then costs its decoder's buffer plus one band,
+    not three more full-size arrays.
+    """
+
+    height: int
+    width: int
+    band: Callable[[int, int], PixelArray]
+
+    def rows(self) -> Iterator[tuple[int, PixelArray]]:
+        step = max(1, _BAND_PIXELS // max(self.width, 1))
+        for y0 in range(0, self.height, step):
+            yield y0, self.band(y0, min(y0 + step, self.height))
+
+    def whole(self) -> PixelArray:
+        return np.concatenate([part for _, part in self.rows()], axis=0)
+
+
+_BAND_PIXELS = 1 << 20
+
+
+def _pillow_banded(im: Image.Image) -> Banded:
+    """Bands of a loaded RGB/RGBA/RGBX Pillow image (``np.asarray`` would copy it whole)."""
+    width, height = im.size
+
+    def band(y0: int, y1: int) -> PixelArray:
+        return np.asarray(im.crop((0, y0, width, y1)))
+
+    return Banded(height, width, band)
+
+
+def to_luma8(pixels: PixelArray | Banded) -> U8Array:
+    """image-rs ``to_luma8`` of what :func:`decode_pixels` returns."""
+    if isinstance(pixels, Banded):
+        out = np.empty((pixels.height, pixels.width), dtype=np.uint8)
+        for y0, part in pixels.rows():
+            out[y0 : y0 + part.shape[0]] = to_luma8(part)
+        return out
     if pixels.ndim == 2:
         return pixels if pixels.dtype == np.uint8 else _gray16_to_8(pixels)
     if pixels.dtype == np.uint8:
@@ -423,8 +549,13 @@ def to_luma8(pixels: PixelArray) -> U8Array:
     return luma_from_rgb16(pixels)
 
 
-def to_rgb8(pixels: PixelArray) -> U8Array:
-    """image-rs ``to_rgb8`` of any array :func:`decode_pixels` returns."""
+def to_rgb8(pixels: PixelArray | Banded) -> U8Array:
+    """image-rs ``to_rgb8`` of what :func:`decode_pixels` returns."""
+    if isinstance(pixels, Banded):
+        out = np.empty((pixels.height, pixels.width, 3), dtype=np.uint8)
+        for y0, part in pixels.rows():
+            out[y0 : y0 + part.shape[0]] = to_rgb8(part)
+        return out
     if pixels.dtype == np.uint16:
         pixels = _gray16_to_8(pixels[..., :3] if pixels.ndim == 3 else pixels)
     if pixels.ndim == 2:
@@ -453,7 +584,7 @@ def _open(data: bytes, fmt: str) -> ImageFile.ImageFile:
     return im
 
 
-def _pillow_pixels(im: Image.Image) -> PixelArray:
+def _pillow_pixels(im: Image.Image) -> PixelArray | Banded:
     """The pixels of a loaded Pillow image in the colour type image-rs would decode."""
     mode = im.mode
     if mode == "L":
@@ -468,7 +599,7 @@ def _pillow_pixels(im: Image.Image) -> PixelArray:
         rgb: U8Array = _palette_lut(im.getpalette("RGB") or [])[np.asarray(im)]
         return rgb
     if mode in ("RGB", "RGBA", "RGBX"):
-        return np.asarray(im)
+        return _pillow_banded(im)
     raise UnsupportedImage(f"{(im.format or 'image').lower()}: pixel mode {mode} not supported")
 
 
@@ -482,15 +613,19 @@ def _palette_lut(palette: bytes | list[int]) -> U8Array:
     return lut
 
 
-def _decode_pillow(data: bytes, fmt: ImageFormat, limit: int) -> PixelArray:
+def _decode_pillow(data: bytes, fmt: ImageFormat, limit: int) -> PixelArray | Banded:
     name = {ImageFormat.WEBP: "WEBP", ImageFormat.BMP: "BMP", ImageFormat.TIFF: "TIFF"}[fmt]
-    with _open(data, name) as im:
-        if im.width * im.height > limit:
-            raise ImageTooLarge(f"{fmt.value}: {im.width}x{im.height} exceeds {limit} pixels")
-        im.load()
-        if im.mode == "CMYK":
-            return np.asarray(im.convert("RGB"))
-        return _pillow_pixels(im)
+    if fmt is ImageFormat.TIFF:
+        _tiff_check_blocks(data, limit)
+    im = _open(data, name)  # not closed: a closed image has no pixels for the bands
+    if im.width * im.height > limit:
+        raise ImageTooLarge(f"{fmt.value}: {im.width}x{im.height} exceeds {limit} pixels")
+    if fmt is ImageFormat.BMP:
+        use_fast_rle(im)
+    im.load()
+    if im.mode == "CMYK":
+        return _pillow_banded(im.convert("RGB"))
+    return _pillow_pixels(im)
 
 
 # --------------------------------------------------------------------------- WebP
@@ -511,7 +646,7 @@ def _riff_chunks(data: bytes, start: int, stop: int) -> list[tuple[bytes, int, i
     return chunks
 
 
-def _decode_webp(data: bytes, limit: int) -> PixelArray:
+def _decode_webp(data: bytes, limit: int) -> PixelArray | Banded:
     """Stills through Pillow; animations by their first frame, composited like image-webp.
 
     libwebp (Pillow) composites the first frame onto a transparent canvas without blending;
@@ -519,7 +654,7 @@ def _decode_webp(data: bytes, limit: int) -> PixelArray:
     which turns fully transparent pixels black and can lower other values by one.
     """
     if data[12:16] != b"VP8X" or not data[20] & 0x02:
-        return _decode_pillow(data, ImageFormat.WEBP, limit)
+        return _decode_webp_still(data, limit)
     canvas_w, canvas_h = _webp_size(data)
     chunks = _riff_chunks(data, 12, len(data))
     frames = [c for c in chunks if c[0] == b"ANMF"]
@@ -550,6 +685,32 @@ def _decode_webp(data: bytes, limit: int) -> PixelArray:
         if frame.shape[2] == 3:
             region[..., 3] = 255
     return canvas
+
+
+def _decode_webp_still(data: bytes, limit: int) -> PixelArray | Banded:
+    """A still WebP with libwebp through Pillow's decoder object, keeping one copy of it.
+
+    ``Image.open`` + ``load`` holds libwebp's two canvases, the frame bytes and Pillow's image
+    at once: 16 bytes a pixel, 433 MB at 25 MP. Here the decoder (its canvases) is dropped as
+    soon as the frame bytes are out and numpy reads those bytes in place: peak 12 bytes a
+    pixel, then 4. Falls back to ``Image.open`` if Pillow's private decoder ever goes away.
+    """
+    decoder_class = getattr(_webp, "WebPAnimDecoder", None) if _webp is not None else None
+    if decoder_class is None:  # pragma: no cover - Pillow without its private decoder
+        return _decode_pillow(data, ImageFormat.WEBP, limit)
+    decoder = decoder_class(data)
+    (width, height), *_ = decoder.get_info()
+    if width * height > limit:
+        raise ImageTooLarge(f"webp: {width}x{height} exceeds {limit} pixels")
+    frame = decoder.get_next()
+    del decoder
+    if frame is None:
+        raise CorruptImage("webp: failed to decode next frame in WebP file")
+    raw = frame[0]
+    if len(raw) != width * height * 4:
+        raise CorruptImage("webp: decoder returned a frame of the wrong size")
+    pixels: PixelArray = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 4)
+    return pixels
 
 
 def _webp_frame_pixels(
@@ -665,24 +826,93 @@ def _png_minimal(data: bytes) -> tuple[bytes, int, int]:
     return b"".join(kept), depth, colour
 
 
-def _decode_png(data: bytes) -> PixelArray:
+def _decode_png(data: bytes) -> PixelArray | Banded:
     png, depth, colour = _png_minimal(data)
     if depth == 16 and colour in (2, 4, 6):
         return _decode_png16_colour(png, colour)
-    with _open(png, "PNG") as im:
-        im.load()
-        return _pillow_pixels(im)
+    return _pillow_pixels(_load_png(png))
 
 
-def _load_with_rawmode(png: bytes, rawmode: str) -> npt.NDArray[np.uint8]:
-    """Decode the IDAT stream again with another Pillow raw mode (same filter stride)."""
-    with _open(png, "PNG") as im:
+def _load_png(png: bytes, rawmode: str | None = None, *, check: bool = True) -> Image.Image:
+    """Decode with Pillow (optionally another raw mode, same filter stride); refuse when the
+    image data ends before the last row, as the png crate does.
+
+    Pillow's zip decoder stops silently when the zlib stream ends on a row boundary and leaves
+    the other rows black. So the image memory is filled with a sentinel first; if the rows the
+    last pass writes still hold it, the stream is inflated once more to count its bytes (a
+    real image whose last row happens to equal the sentinel only pays that count).
+    """
+    im = _open(png, "PNG")  # not closed: a closed image has no pixels for the bands
+    if rawmode is not None:
         im.tile = [tile._replace(args=rawmode) for tile in im.tile]
-        im.load()
-        return np.asarray(im)
+    sentinel = _SENTINELS.get(im.mode) if check else None
+    if sentinel is not None:
+        im.im = Image.new(im.mode, im.size, sentinel).im
+    im.load()
+    if sentinel is not None and _last_rows_untouched(im, sentinel):
+        _check_png_data_length(png, interlaced=bool(im.info.get("interlace")))
+    return im
 
 
-def _decode_png16_colour(png: bytes, colour: int) -> PixelArray:
+_SENTINELS: dict[str, int | tuple[int, ...]] = {
+    "1": 255,
+    "L": 0x5A,
+    "P": 0x5A,
+    "LA": (0x5A, 0xA5),
+    "I;16": 0x5AA5,
+    "I;16B": 0x5AA5,
+    "RGB": (0x5A, 0xA5, 0x3C),
+    "RGBA": (0x5A, 0xA5, 0x3C, 0xC3),
+}
+
+
+def _last_rows_untouched(im: Image.Image, sentinel: int | tuple[int, ...]) -> bool:
+    """Whether the last row, or the last odd row (Adam7's last pass), is all sentinel."""
+    width, height = im.size
+    rows = {height - 1}
+    if height > 1:
+        rows.add(height - 1 if (height - 1) % 2 else height - 2)
+    probe = Image.new(im.mode, (width, 1), sentinel).tobytes()
+    return any(im.crop((0, y, width, y + 1)).tobytes() == probe for y in rows)
+
+
+def _png_row_bytes(width: int, bits: int) -> int:
+    return (width * bits + 7) // 8
+
+
+def _check_png_data_length(png: bytes, *, interlaced: bool) -> None:
+    """Inflate the IDAT data and compare its length with what the header needs."""
+    width, height = struct.unpack_from(">II", png, 16)
+    depth, colour = png[24], png[25]
+    bits = depth * {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
+    if interlaced:
+        passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+                  (1, 0, 2, 2), (0, 1, 1, 2)]  # fmt: skip
+        need = 0
+        for x0, y0, dx, dy in passes:
+            cols, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+            if cols > 0 and rows > 0:
+                need += rows * (1 + _png_row_bytes(cols, bits))
+    else:
+        need = height * (1 + _png_row_bytes(width, bits))
+    pos, idat = 8, []
+    while pos + 8 <= len(png):
+        length, ctype = struct.unpack_from(">I4s", png, pos)
+        if ctype == b"IDAT":
+            idat.append(png[pos + 8 : pos + 8 + length])
+        pos += 12 + length
+    stream, inflater, got = b"".join(idat), zlib.decompressobj(), 0
+    while got < need and not inflater.eof:
+        out = inflater.decompress(stream, 1 << 20)
+        if not out and not stream:
+            break
+        got += len(out)
+        stream = inflater.unconsumed_tail
+    if got < need:
+        raise CorruptImage("png: IDAT or fDAT chunk does not have enough data for image")
+
+
+def _decode_png16_colour(png: bytes, colour: int) -> Banded:
     """16-bit RGB, RGBA, gray+alpha: Pillow keeps only the high bytes, so fetch the low ones.
 
     The unfilter stride comes from the raw mode's bits per pixel, so ``RGB;16L``/
@@ -690,12 +920,21 @@ def _decode_png16_colour(png: bytes, colour: int) -> PixelArray:
     (4 bytes a pixel) is read with plain ``RGBA``, which copies the 4 bytes as they are.
     """
     if colour == 4:
-        raw = _load_with_rawmode(png, "RGBA").astype(np.uint16)
-        return (raw[..., 0] << 8) | raw[..., 1]
+        both = _pillow_banded(_load_png(png, "RGBA"))
+
+        def gray_band(y0: int, y1: int) -> PixelArray:
+            raw = both.band(y0, y1)
+            return (raw[..., 0].astype(np.uint16) << 8) | raw[..., 1]
+
+        return Banded(both.height, both.width, gray_band)
     base = "RGB" if colour == 2 else "RGBA"
-    high = _load_with_rawmode(png, base + ";16B").astype(np.uint16)
-    low = _load_with_rawmode(png, base + ";16L")
-    return (high << 8) | low.astype(np.uint16)
+    high = _pillow_banded(_load_png(png, base + ";16B"))
+    low = _pillow_banded(_load_png(png, base + ";16L", check=False))  # same stream again
+
+    def rgb_band(y0: int, y1: int) -> PixelArray:
+        return (high.band(y0, y1).astype(np.uint16) << 8) | low.band(y0, y1)
+
+    return Banded(high.height, high.width, rgb_band)
 
 
 # --------------------------------------------------------------------------- GIF
