@@ -13,7 +13,7 @@ import io
 import struct
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 __all__ = ["GENERATORS", "main"]
@@ -23,7 +23,7 @@ CAP = 25_000_000
 _SIDE = 5000  # 5000 x 5000 = the cap
 
 
-def _tiff(entries: list[tuple[int, int, int, int | bytes]], data: bytes) -> bytes:
+def _tiff(entries: Sequence[tuple[int, int, int, int | bytes]], data: bytes) -> bytes:
     """A little-endian TIFF: header, one IFD of ``(tag, type, count, value)``, then ``data``.
 
     A ``bytes`` value is stored after the IFD (before ``data``); ``data`` starts at the offset
