@@ -768,16 +768,18 @@ def _webp_blend_over_transparent(frame: U8Array) -> U8Array:
 # --------------------------------------------------------------------------- PNG
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
-_PNG_KEEP = frozenset({b"IHDR", b"PLTE", b"tRNS"})
 _PNG_VALID = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 
 
 def _png_minimal(data: bytes) -> tuple[bytes, int, int]:
     """Check the chunks the reference reads and rebuild a PNG with only what matters.
 
-    Returns ``(png_bytes, bit_depth, colour_type)``. CRCs are verified for every chunk up to
-    the end of the first IDAT run (the ``png`` crate does); text, colour-management and
-    animation chunks are left out (the reference ignores them and Pillow limits text size).
+    Returns ``(png_bytes, bit_depth, colour_type)``. Up to the end of the first IDAT run, as
+    the ``png`` crate (0.18) decides: a CRC error in a critical chunk (IHDR, PLTE, IDAT) is
+    fatal, in an ancillary one the chunk is skipped; an unknown critical chunk, a second PLTE
+    or a PLTE outside 3..768 bytes is fatal. Only IHDR, PLTE and IDAT are kept: ancillary
+    chunks never change the RGB pixels (tRNS only adds alpha, which is dropped), and Pillow
+    refuses some the crate skips (a short tRNS, oversized text).
     """
     pos = len(_PNG_SIG)
     kept = [_PNG_SIG]
@@ -797,8 +799,13 @@ def _png_minimal(data: bytes) -> tuple[bytes, int, int]:
         if end + 4 > len(data):
             raise CorruptImage(f"png: truncated {ctype.decode('latin-1')!r} chunk")
         (crc,) = struct.unpack_from(">I", data, end)
+        critical = not ctype[0] & 0x20
+        name = ctype.decode("latin-1")
         if zlib.crc32(data[pos + 4 : end]) != crc:
-            raise CorruptImage(f"png: CRC error in {ctype.decode('latin-1')!r} chunk")
+            if critical:
+                raise CorruptImage(f"png: CRC error in {name!r} chunk")
+            pos = end + 4  # the crate skips an ancillary chunk with a bad CRC
+            continue
         chunk = data[pos : end + 4]
         if ctype == b"IHDR":
             if ihdr is not None or length != 13:
@@ -810,8 +817,14 @@ def _png_minimal(data: bytes) -> tuple[bytes, int, int]:
             kept.append(chunk)
         elif ctype == b"IEND":
             break
-        elif ctype in _PNG_KEEP:
+        elif ctype == b"PLTE":
+            if any(c[4:8] == b"PLTE" for c in kept):
+                raise CorruptImage("png: Chunk PLTE must appear at most once")
+            if not 3 <= length <= 768:
+                raise CorruptImage("png: PLTE chunk has the wrong length")
             kept.append(chunk)
+        elif critical:
+            raise CorruptImage(f"png: unrecognized critical chunk {name!r}")
         pos = end + 4
     if ihdr is None or not idat_seen:
         raise CorruptImage("png: no image data")
@@ -848,7 +861,13 @@ def _load_png(png: bytes, rawmode: str | None = None, *, check: bool = True) -> 
     sentinel = _SENTINELS.get(im.mode) if check else None
     if sentinel is not None:
         im.im = Image.new(im.mode, im.size, sentinel).im
-    im.load()
+    try:
+        im.load()
+    except OSError as exc:
+        repaired = _repair_adler32(png) if "broken data stream" in str(exc) else None
+        if repaired is None:
+            raise
+        return _load_png(repaired, rawmode, check=check)
     if sentinel is not None and _last_rows_untouched(im, sentinel):
         _check_png_data_length(png, interlaced=bool(im.info.get("interlace")))
     return im
@@ -876,6 +895,57 @@ def _last_rows_untouched(im: Image.Image, sentinel: int | tuple[int, ...]) -> bo
     return any(im.crop((0, y, width, y + 1)).tobytes() == probe for y in rows)
 
 
+def _idat_stream(png: bytes) -> bytes:
+    pos, idat = 8, []
+    while pos + 8 <= len(png):
+        length, ctype = struct.unpack_from(">I4s", png, pos)
+        if ctype == b"IDAT":
+            idat.append(png[pos + 8 : pos + 8 + length])
+        pos += 12 + length
+    return b"".join(idat)
+
+
+def _repair_adler32(png: bytes) -> bytes | None:
+    """The PNG with its zlib checksum corrected, if that is all that is wrong with it.
+
+    The png crate ignores the Adler-32 at the end of the image data (``ignore_adler32``
+    defaults to true); zlib, and so Pillow, refuses it. Only reached after Pillow failed:
+    inflate raw (no checksum), recompute the Adler-32, put it in place.
+    """
+    stream = _idat_stream(png)
+    if len(stream) < 6:
+        return None
+    inflater = zlib.decompressobj(-15)
+    adler, rest = 1, stream[2:]
+    try:
+        while rest and not inflater.eof:
+            adler = zlib.adler32(inflater.decompress(rest, 1 << 20), adler)
+            rest = inflater.unconsumed_tail
+        while not inflater.eof:
+            out = inflater.decompress(b"", 1 << 20)
+            if not out:
+                return None
+            adler = zlib.adler32(out, adler)
+    except zlib.error:
+        return None
+    end = len(stream) - len(inflater.unused_data)
+    stored = stream[end : end + 4]
+    if stored == adler.to_bytes(4, "big"):
+        return None  # the checksum was right: something else is broken
+    fixed = stream[:end] + adler.to_bytes(4, "big") + stream[end + 4 :]
+    ihdr_end = 8 + 12 + 13
+    head = png[:ihdr_end]
+    pos, palette = ihdr_end, b""
+    while pos + 8 <= len(png):
+        length, ctype = struct.unpack_from(">I4s", png, pos)
+        if ctype == b"PLTE":
+            palette = png[pos : pos + 12 + length]
+        pos += 12 + length
+    idat = struct.pack(">I", len(fixed)) + b"IDAT" + fixed
+    idat += struct.pack(">I", zlib.crc32(idat[4:]))
+    return head + palette + idat + b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
 def _png_row_bytes(width: int, bits: int) -> int:
     return (width * bits + 7) // 8
 
@@ -895,13 +965,7 @@ def _check_png_data_length(png: bytes, *, interlaced: bool) -> None:
                 need += rows * (1 + _png_row_bytes(cols, bits))
     else:
         need = height * (1 + _png_row_bytes(width, bits))
-    pos, idat = 8, []
-    while pos + 8 <= len(png):
-        length, ctype = struct.unpack_from(">I4s", png, pos)
-        if ctype == b"IDAT":
-            idat.append(png[pos + 8 : pos + 8 + length])
-        pos += 12 + length
-    stream, inflater, got = b"".join(idat), zlib.decompressobj(), 0
+    stream, inflater, got = _idat_stream(png), zlib.decompressobj(), 0
     while got < need and not inflater.eof:
         out = inflater.decompress(stream, 1 << 20)
         if not out and not stream:

@@ -77,7 +77,7 @@ def _set_bytes(data: bytearray, rng: random.Random) -> None:
 
 
 def _truncate(data: bytearray, rng: random.Random) -> None:
-    del data[rng.randrange(1, len(data)) :]
+    del data[rng.randrange(len(data)) :]
 
 
 def _insert(data: bytearray, rng: random.Random) -> None:
