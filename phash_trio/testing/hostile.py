@@ -166,6 +166,39 @@ def gif_big_frame() -> bytes:
     return bytes(data)
 
 
+def _jpeg_segment(marker: int, body: bytes) -> bytes:
+    return b"\xff" + bytes([marker]) + struct.pack(">H", len(body) + 2) + body
+
+
+def jpeg_zero_huffman(components: int = 1) -> bytes:
+    """A 5000x5000 baseline JPEG whose only Huffman code is sixteen 0 bits, with 16 bytes of
+    entropy data: every block must be replayed from data that is not there (1 component gray,
+    4 an Adobe CMYK one)."""
+    side = _SIDE
+    dqt = _jpeg_segment(0xDB, b"\x00" + bytes([1] * 64))
+    specs = b"".join(bytes([i + 1, 0x11, 0]) for i in range(components))
+    sof = _jpeg_segment(0xC0, struct.pack(">BHHB", 8, side, side, components) + specs)
+    counts = bytes([0] * 15 + [1])
+    dht = _jpeg_segment(0xC4, b"\x00" + counts + b"\x00" + b"\x10" + counts + b"\x00")
+    selectors = b"".join(bytes([i + 1, 0x00]) for i in range(components))
+    sos = _jpeg_segment(0xDA, bytes([components]) + selectors + b"\x00\x3f\x00")
+    adobe = _jpeg_segment(0xEE, b"Adobe\x00\x64\x00\x00\x00\x00\x00") if components == 4 else b""
+    return b"\xff\xd8" + adobe + dqt + dht + sof + sos + bytes(16) + b"\xff\xd9"
+
+
+def jpeg_tall_sof() -> bytes:
+    """A real progressive photo (375x473) whose SOF height byte now says 65344: 24.5 MP of
+    coefficients from 25 KB of data."""
+    from phash_trio.testing.fuzz import GOLDEN_IMAGES
+
+    data = bytearray(
+        (GOLDEN_IMAGES / "photos" / "jpeg" / "mountain_375x473_q82_444_prog_opt.jpg").read_bytes()
+    )
+    sof = next(i for i in range(2, len(data) - 9) if data[i] == 0xFF and data[i + 1] == 0xC2)
+    data[sof + 5 : sof + 7] = struct.pack(">H", 65344)
+    return bytes(data)
+
+
 GENERATORS: dict[str, Callable[[], bytes]] = {
     "tiff_tile_40000": tiff_tile,
     "tiff_strip_40000_rows": tiff_strip,
@@ -176,6 +209,9 @@ GENERATORS: dict[str, Callable[[], bytes]] = {
     "png_half_rows": png_half_rows,
     "bmp_rle8_eol_padding": bmp_rle8,
     "gif_frame_at_cap_in_1x1": gif_big_frame,
+    "jpeg_zero_huffman_gray": jpeg_zero_huffman,
+    "jpeg_zero_huffman_cmyk": partial(jpeg_zero_huffman, 4),
+    "jpeg_sof_height_65344": jpeg_tall_sof,
 }
 
 
