@@ -156,6 +156,28 @@ async def test_closed_pool_refuses_jobs(pool: HashPool) -> None:
         await pool.hash(GOOD[0].read_bytes(), **LIMITS)
 
 
+async def test_close_lets_the_running_image_finish(pool: HashPool) -> None:
+    """close() refuses new jobs but the job in flight finishes; then every worker exits."""
+    await pool.wait_ready()
+    pids = pool.worker_pids()
+    results: list[float] = []
+
+    async def slow() -> None:
+        results.append(await pool.call(partial(sleep_for, 0.6)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow)
+        await trio.sleep(0.2)
+        pool.close()
+        with pytest.raises(HashPoolClosed):
+            await pool.call(partial(sleep_for, 0.0))
+    assert results == [0.6]
+    deadline = trio.current_time() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+        assert trio.current_time() < deadline, "workers still running after close()"
+        await trio.sleep(0.05)
+
+
 def test_hash_processes_defaults_to_one_per_core() -> None:
     """HASH_PROCESSES defaults to the number of cores and accepts 0 but nothing negative."""
     assert Settings().hash_processes == (os.cpu_count() or 1)

@@ -424,12 +424,11 @@ class HashPool:
         return sorted(w.pid for w in [*self._idle, *self._busy] if w.alive)
 
     def close(self) -> None:
-        """Stop the workers without waiting for them (reaped in a thread); no more jobs."""
+        """No more jobs; idle workers stop now, busy ones once their current image is done
+        (all reaped in threads, never waited for here)."""
         self._closed = True
-        workers = [*self._idle, *self._busy]
+        workers = list(self._idle)
         self._idle.clear()
-        for worker in workers:
-            worker.kill()
         if workers:
             threading.Thread(
                 target=_reap_all, args=(workers,), name="hash-pool-close", daemon=True
