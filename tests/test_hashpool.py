@@ -173,7 +173,7 @@ async def test_close_lets_the_running_image_finish(pool: HashPool) -> None:
             await pool.call(partial(sleep_for, 0.0))
     assert results == [0.6]
     deadline = trio.current_time() + 10
-    while any(os.path.exists(f"/proc/{pid}") for pid in pids):
+    while [pid for pid in pids if await trio.Path(f"/proc/{pid}").exists()]:
         assert trio.current_time() < deadline, "workers still running after close()"
         await trio.sleep(0.05)
 
