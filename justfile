@@ -38,8 +38,8 @@ bench:
     {{py}} bench/bench_pipeline.py
 
 # Fuzz mean_hash: mutated real JPEG/PNG/GIF/WebP in limited child processes; findings -> fuzz-findings/.
-fuzz cases="20000" seed="1":
-    {{py}} -m phash_trio.testing.fuzz --cases {{cases}} --seed {{seed}}
+fuzz cases="20000" seed="1" target="mean_hash":
+    {{py}} -m phash_trio.testing.fuzz --cases {{cases}} --seed {{seed}} --target {{target}}
 
 # Cost of each hostile-input class (CPU, peak RSS) at the default limits.
 hostile:

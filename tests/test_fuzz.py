@@ -33,6 +33,13 @@ def test_seeded_sample_has_no_findings() -> None:
     assert report.peak_rss_bytes < 1 << 30
 
 
+def test_seeded_sample_through_decode_rgb_has_no_findings() -> None:
+    """The PDQ path (decode_rgb) on 150 other mutated files: the same guarantees."""
+    report = fuzz.run_fuzz(seed=77, cases=150, batch=150, target=fuzz.rgb_case)
+    assert report.findings == []
+    assert report.counts.get("hashed", 0) > 10 and sum(report.counts.values()) == 150
+
+
 def test_a_crash_names_its_case() -> None:
     """The harness itself: a child that segfaults mid-batch becomes a finding for the case it
     was on, and the run goes on after it (a target that crashes on GIF input)."""

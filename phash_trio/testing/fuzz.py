@@ -33,10 +33,12 @@ from typing import Any
 import attrs
 
 __all__ = [
+    "TARGETS",
     "Finding",
     "FuzzReport",
     "hash_case",
     "make_case",
+    "rgb_case",
     "run_fuzz",
     "seed_files",
     "segfault_on_gif",
@@ -227,6 +229,19 @@ def hash_case(data: bytes) -> int:
     return mean_hash(data, max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES)
 
 
+def rgb_case(data: bytes) -> int:
+    """``decode_rgb`` (the PDQ path) at the same limits; returns the pixel count."""
+    from phash_trio.image.decode import decode_rgb
+    from phash_trio.image.meanhash import ImageTooLarge
+
+    if len(data) > MAX_BYTES:
+        raise ImageTooLarge(f"input is {len(data)} bytes, limit {MAX_BYTES}")
+    return int(decode_rgb(data, max_pixels=MAX_PIXELS).size)
+
+
+TARGETS: dict[str, Callable[[bytes], Any]] = {"mean_hash": hash_case, "decode_rgb": rgb_case}
+
+
 def segfault_on_gif(data: bytes) -> int:
     """A target that crashes on GIF input (to test that the harness names the case)."""
     if data.startswith(b"GIF"):
@@ -365,8 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
+    parser.add_argument("--target", choices=sorted(TARGETS), default="mean_hash")
     args = parser.parse_args(argv)
-    report = run_fuzz(args.seed, args.cases, batch=args.batch)
+    # By its module name, never __main__'s: the child must be able to import the target.
+    from phash_trio.testing import fuzz as importable
+
+    target = importable.TARGETS[args.target]
+    report = run_fuzz(args.seed, args.cases, batch=args.batch, target=target)
     print(
         f"fuzz: {report.cases} cases (seed {report.seed}) from {len(seed_files())} real files"
         f" in {report.wall_secs:.0f} s; outcomes {dict(sorted(report.counts.items()))};"
