@@ -207,3 +207,41 @@ def test_fast_rle_decoder_gives_pillows_bytes() -> None:
         width, height = int(rng.integers(1, 40)), int(rng.integers(1, 30))
         data = _bmp_rle(width, height, _random_rle(rng, rle4), rle4=rle4)
         assert _load(data, fast=True) == _load(data, fast=False), trial
+
+
+# ------------------------------------------------------------------------------- TIFF 16-bit
+
+
+def _tiff16(samples: np.ndarray, compression: int) -> bytes:
+    """A little-endian 16-bit RGB(A) TIFF, one strip, uncompressed (1) or deflate (8)."""
+    height, width, spp = samples.shape
+    raw = samples.astype("<u2").tobytes()
+    body = zlib.compress(raw) if compression == 8 else raw
+    bits = struct.pack(f"<{spp}H", *([16] * spp))
+    entries: list[tuple[int, int, int, int | bytes]] = [
+        (256, 3, 1, width),
+        (257, 3, 1, height),
+        (258, 3, spp, bits),
+        (259, 3, 1, compression),
+        (262, 3, 1, 2),
+        (277, 3, 1, spp),
+        (278, 4, 1, height),
+        (279, 4, 1, len(body)),
+    ]
+    if spp == 4:
+        entries.append((338, 3, 1, 2))
+    offset = hostile._tiff_data_offset(len(entries) + 1, len(bits))
+    return hostile._tiff([*entries, (273, 4, 1, offset)], body)
+
+
+@pytest.mark.parametrize(("spp", "compression"), [(3, 1), (3, 8), (4, 1), (4, 8)])
+def test_16_bit_rgb_tiff_keeps_all_16_bits(spp: int, compression: int) -> None:
+    """16-bit RGB(A) TIFF (raw and libtiff-decoded) converts from the full samples, as the
+    reference does; Pillow alone keeps only the high byte."""
+    from phash_trio.image.luma import luma_from_rgb16
+
+    rng = np.random.default_rng(spp * 10 + compression)
+    samples = rng.integers(0, 65536, (9, 13, spp), dtype=np.uint16)
+    samples[0, :4, 0] = [0x01FF, 0x80FF, 0xFF80, 0x0080]  # the low byte changes the result
+    gray = decode_gray(_tiff16(samples, compression), max_pixels=10_000)
+    assert np.array_equal(gray, luma_from_rgb16(samples))

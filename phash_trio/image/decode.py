@@ -62,7 +62,13 @@ from phash_trio.image.pixels import (
     to_rgb8,
 )
 from phash_trio.image.png import decode_png
-from phash_trio.image.tiff import tiff_check_blocks, tiff_fields, tiff_size
+from phash_trio.image.tiff import (
+    tiff_check_blocks,
+    tiff_fields,
+    tiff_low_byte_rawmode,
+    tiff_rgb16,
+    tiff_size,
+)
 from phash_trio.image.webp import decode_webp, webp_size
 
 __all__ = [
@@ -309,7 +315,10 @@ def _decode_pillow(data: bytes, fmt: ImageFormat, limit: int) -> PixelArray | Ba
         raise ImageTooLarge(f"{fmt.value}: {im.width}x{im.height} exceeds {limit} pixels")
     if fmt is ImageFormat.BMP:
         use_fast_rle(im)
+    low_mode = tiff_low_byte_rawmode(im) if fmt is ImageFormat.TIFF else None
     im.load()
+    if low_mode is not None:
+        return tiff_rgb16(data, im, low_mode)
     if im.mode == "CMYK":
         return pillow_banded(im.convert("RGB"))
     return pillow_pixels(im)

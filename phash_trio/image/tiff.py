@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import struct
+import sys
 
-from PIL import TiffTags
+import numpy as np
+from PIL import Image, TiffTags
 
 from phash_trio.image.errors import CorruptImage, ImageTooLarge
+from phash_trio.image.pixels import Banded, PixelArray, open_image, pillow_banded
 
-__all__ = ["tiff_check_blocks", "tiff_fields", "tiff_size"]
+__all__ = [
+    "tiff_check_blocks",
+    "tiff_fields",
+    "tiff_low_byte_rawmode",
+    "tiff_rgb16",
+    "tiff_size",
+]
 
 
 # Bytes per value of each TIFF field type Pillow reads.
@@ -93,3 +103,41 @@ def tiff_check_blocks(data: bytes, limit: int) -> None:
     rows = min(fields.get(278, height), height)
     if width * rows > limit:  # cannot happen while width x height is capped; kept explicit
         raise ImageTooLarge(f"tiff: strip of {rows} rows of {width} exceeds {limit} pixels")
+
+
+_RGB16 = re.compile(r"^(RGB|RGBA|RGBX);16([LBN])$")
+_NATIVE = "L" if sys.byteorder == "little" else "B"
+
+
+def tiff_low_byte_rawmode(im: Image.Image) -> str | None:
+    """For a 16-bit RGB(A) TIFF, the Pillow raw mode that unpacks the *low* bytes.
+
+    Pillow keeps only the high byte of each 16-bit colour sample (``RGB;16L`` takes byte 1 of
+    little-endian data); the reference keeps all 16 bits until ``to_luma8``. Unpacking the same
+    data as the other byte order picks the low bytes instead. ``None`` for anything else.
+    """
+    modes = {t.args[0] if isinstance(t.args, tuple) else t.args for t in getattr(im, "tile", [])}
+    if len(modes) != 1:
+        return None
+    match = _RGB16.match(str(modes.pop()))
+    if match is None:
+        return None
+    order = _NATIVE if match[2] == "N" else match[2]
+    return f"{match[1]};16{'B' if order == 'L' else 'L'}"
+
+
+def tiff_rgb16(data: bytes, high: Image.Image, low_mode: str) -> Banded:
+    """Full 16-bit samples: ``high`` (loaded as Pillow does) and a second decode of ``data``
+    with ``low_mode``, combined band by band."""
+    low = open_image(data, "TIFF")
+    low.tile = [
+        t._replace(args=(low_mode, *t.args[1:]) if isinstance(t.args, tuple) else low_mode)
+        for t in low.tile
+    ]
+    low.load()
+    high_bands, low_bands = pillow_banded(high), pillow_banded(low)
+
+    def band(y0: int, y1: int) -> PixelArray:
+        return (high_bands.band(y0, y1).astype(np.uint16) << 8) | low_bands.band(y0, y1)
+
+    return Banded(high_bands.height, high_bands.width, band)
