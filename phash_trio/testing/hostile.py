@@ -71,9 +71,10 @@ def tiff_strip() -> bytes:
     return _tiff(_GRAY_16X16 + layout, _GARBAGE)
 
 
-def tiff_wide_deflate() -> bytes:
-    """A 5000x5000 16-bit RGBA deflate TIFF of zeros (200 MB of samples in ~200 KB)."""
-    width = height = _SIDE
+def tiff_wide_deflate(side: int = _SIDE) -> bytes:
+    """A ``side`` x ``side`` 16-bit RGBA deflate TIFF of zeros (5000: 200 MB of samples in
+    ~200 KB)."""
+    width = height = side
     body = zlib.compress(bytes(width * 8 * height), 9)
     offset = _tiff_data_offset(11, 8)
     return _tiff(
@@ -203,6 +204,7 @@ GENERATORS: dict[str, Callable[[], bytes]] = {
     "tiff_tile_40000": tiff_tile,
     "tiff_strip_40000_rows": tiff_strip,
     "tiff_rgba16_deflate_at_cap": tiff_wide_deflate,
+    "tiff_rgba16_deflate_at_sample_budget": partial(tiff_wide_deflate, 4096),
     "webp_lossless_at_cap": webp_lossless,
     "png_rgba16_at_cap": png16_rgba,
     "png_rgba16_at_sample_budget": png16_rgba_at_budget,
