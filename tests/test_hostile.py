@@ -246,3 +246,40 @@ def test_16_bit_rgb_tiff_keeps_all_16_bits(spp: int, compression: int) -> None:
     samples[0, :4, 0] = [0x01FF, 0x80FF, 0xFF80, 0x0080]  # the low byte changes the result
     gray = decode_gray(_tiff16(samples, compression), max_pixels=10_000)
     assert np.array_equal(gray, luma_from_rgb16(samples))
+
+
+def _tiff16_big_endian(samples: np.ndarray) -> bytes:
+    """The same image as a big-endian ("MM") uncompressed TIFF."""
+    height, width, spp = samples.shape
+    body = samples.astype(">u2").tobytes()
+    entries = [(256, 3, 1, width), (257, 3, 1, height), (258, 3, spp, None), (259, 3, 1, 1)]
+    entries += [(262, 3, 1, 2), (273, 4, 1, None), (277, 3, 1, spp), (278, 4, 1, height)]
+    entries += [(279, 4, 1, len(body))]
+    ifd_end = 8 + 2 + 12 * len(entries) + 4
+    bits_at, data_at = ifd_end, ifd_end + 2 * spp
+    out = bytearray(b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", len(entries)))
+    for tag, kind, count, value in entries:
+        if tag == 258:
+            field = struct.pack(">I", bits_at)
+        elif tag == 273:
+            field = struct.pack(">I", data_at)
+        elif kind == 3:
+            field = struct.pack(">HH", value, 0)
+        else:
+            field = struct.pack(">I", value)
+        out += struct.pack(">HHI", tag, kind, count) + field
+    out += b"\x00\x00\x00\x00" + struct.pack(f">{spp}H", *([16] * spp)) + body
+    return bytes(out)
+
+
+def test_big_endian_16_bit_tiff_keeps_all_16_bits_in_gray_and_rgb() -> None:
+    """Big-endian 16-bit RGB: full samples for to_luma8, (v + 128) / 257 for to_rgb8."""
+    from phash_trio.image.decode import decode_rgb
+    from phash_trio.image.luma import luma_from_rgb16
+
+    rng = np.random.default_rng(42)
+    samples = rng.integers(0, 65536, (5, 11, 3), dtype=np.uint16)
+    data = _tiff16_big_endian(samples)
+    assert np.array_equal(decode_gray(data, max_pixels=10_000), luma_from_rgb16(samples))
+    expected_rgb = ((samples.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    assert np.array_equal(decode_rgb(data, max_pixels=10_000), expected_rgb)
