@@ -40,3 +40,11 @@ bench:
     {{py}} bench/bench_hash.py
     {{py}} bench/bench_match.py
     {{py}} bench/bench_pipeline.py
+
+# Fuzz mean_hash: mutated real JPEG/PNG/GIF/WebP in limited child processes; findings -> fuzz-findings/.
+fuzz cases="20000" seed="1" target="mean_hash":
+    {{py}} -m phash_trio.testing.fuzz --cases {{cases}} --seed {{seed}} --target {{target}}
+
+# Cost of each hostile-input class (CPU, peak RSS) at the default limits.
+hostile:
+    {{py}} -m phash_trio.testing.hostile

@@ -15,14 +15,29 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` of the file, or :class:`ImageTooLarge` (never reads more than
+    one byte past the cap: ``hash /dev/zero`` ends at once)."""
+    from phash_trio.image.meanhash import ImageTooLarge
+
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"larger than {max_bytes} bytes (see --max-bytes)")
+    return data
+
+
 def _cmd_hash(args: argparse.Namespace) -> int:
-    from phash_trio.image.meanhash import ImageError, hash_file
+    """One line per file: the hash on stdout, or the error on stderr; nothing else."""
+    from phash_trio.image.meanhash import ImageError, format_hash, mean_hash
+    from phash_trio.image.quiet import quiet_stderr
 
     status = 0
     for name in args.files:
-        path = Path(name)
         try:
-            hex_hash = hash_file(path, max_pixels=args.max_pixels)
+            data = _read_capped(Path(name), args.max_bytes)
+            with quiet_stderr():
+                hex_hash = format_hash(mean_hash(data, max_pixels=args.max_pixels))
         except (ImageError, OSError) as exc:
             status = 1
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -165,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     hash_.add_argument("files", nargs="+", metavar="FILE")
     hash_.add_argument("--json", action="store_true", help="one JSON object per line")
     hash_.add_argument("--max-pixels", type=int, default=50_000_000)
+    hash_.add_argument(
+        "--max-bytes",
+        type=int,
+        default=2_000_000,
+        help="refuse larger files without reading them whole (default: the service's"
+        " MAX_BLOB_BYTES default, 2000000)",
+    )
     hash_.set_defaults(func=_cmd_hash)
 
     rules = sub.add_parser("rules", help="rule file tools")

@@ -101,6 +101,8 @@ class Settings:
     max_blob_bytes: int = 2_000_000
     #: Largest accepted decoded image in pixels (decompression bombs).
     max_image_pixels: int = 25_000_000
+    #: Wall-clock seconds one image may take to hash; then its worker is killed, the blob bad.
+    hash_timeout_secs: float = 10.0
 
     @property
     def has_credentials(self) -> bool:
@@ -212,6 +214,7 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "HASH_PROCESSES": ("hash_processes", _parse_int, 0),
     "MAX_BLOB_BYTES": ("max_blob_bytes", _parse_int, 1),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", _parse_int, 1),
+    "HASH_TIMEOUT_SECS": ("hash_timeout_secs", _parse_float, 0.1),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_SPEC)

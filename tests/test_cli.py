@@ -160,3 +160,42 @@ def test_run_exits_2_when_state_dir_cannot_be_created(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"phash-trio: cannot start: cannot create state directory {blocker / 'state'}: Not a directory"
     ]
+
+
+def test_hash_reads_at_most_max_bytes_plus_one() -> None:
+    """`hash /dev/zero` under a 400 MB address-space limit ends at once with one line."""
+    result = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'ulimit -v 400000 && exec "$0" -m phash_trio hash /dev/zero',
+            sys.executable,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == "error: /dev/zero: larger than 2000000 bytes (see --max-bytes)\n"
+    small = run_cli("hash", "--max-bytes", "100", str(IMAGES_DIR / "moon.jpg"))
+    assert small.stderr.endswith("larger than 100 bytes (see --max-bytes)\n")
+
+
+def test_hash_prints_only_one_line_per_failed_file(tmp_path: Path) -> None:
+    """Library noise (libtiff on fd 2, Pillow warnings) and log records never reach the
+    terminal: stderr holds exactly one line per failed file."""
+    from phash_trio.testing import hostile
+
+    noisy = tmp_path / "noisy.tif"
+    noisy.write_bytes(hostile.tiff_strip())
+    half = tmp_path / "half.png"
+    half.write_bytes(hostile.png_half_rows())
+    bad_png = IMAGES_DIR / "truncated.jpg"
+    result = run_cli("hash", str(noisy), str(half), str(bad_png), str(IMAGES_DIR / "moon.jpg"))
+    assert result.returncode == 1
+    errors = result.stderr.splitlines()
+    assert [line.split(": ")[1] for line in errors] == [str(noisy), str(half), str(bad_png)]
+    assert all(line.startswith("error: ") for line in errors)
+    assert len(result.stdout.splitlines()) == 1

@@ -17,6 +17,7 @@ import trio
 from PIL import Image
 
 from phash_trio.image import decode as _decode
+from phash_trio.image import luma as _luma
 from phash_trio.image import resize as _resize
 from phash_trio.image.meanhash import (
     CorruptImage,
@@ -272,8 +273,8 @@ def test_resize_matches_reference_on_smooth_image() -> None:
 
 def test_luma_table_rounds_exactly_for_every_colour() -> None:
     """All 2**24 entries of the f32-rounded luma table equal an f64 half-away rounding."""
-    table = _decode.luma8_table().reshape(256, 256, 256)  # [b, g, r]
-    tr, tg, tb = _decode._luma_tables(8)
+    table = _luma.luma8_table().reshape(256, 256, 256)  # [b, g, r]
+    tr, tg, tb = _luma.luma_tables(8)
     for blue in range(0, 256, 1):
         total = (tr[None, :] + tg[:, None]) + tb[blue]
         exact = np.floor((total * F32(255.0)).astype(np.float64) + 0.5)
@@ -564,7 +565,7 @@ def test_png_16bit_keeps_all_16_bits(colour: int) -> None:
         luma16 = samples if colour == 0 else samples[..., 0]
         expected = ((luma16.astype(np.uint32) + 128) // 257).astype(np.uint8)
     else:
-        kr, kg, kb = _decode._KR, _decode._KG, _decode._KB
+        kr, kg, kb = _luma.KR, _luma.KG, _luma.KB
         inv = F32(1.0) / F32(65535.0)
         r, g, b = (samples[..., i].astype(F32) * inv for i in range(3))
         lum = ((r * kr + g * kg) + b * kb) * F32(255.0)

@@ -5,7 +5,14 @@
 ``pool`` runs it in worker processes. Other parts of the service import from here.
 """
 
-from phash_trio.image.decode import CorruptImage, ImageError, ImageTooLarge, UnsupportedImage
+from phash_trio.image.decode import (
+    CorruptImage,
+    ImageError,
+    ImageTooLarge,
+    UnsupportedImage,
+    decode_gray,
+    decode_rgb,
+)
 from phash_trio.image.meanhash import (
     DEFAULT_MAX_PIXELS,
     format_hash,
@@ -21,6 +28,8 @@ __all__ = [
     "ImageError",
     "ImageTooLarge",
     "UnsupportedImage",
+    "decode_gray",
+    "decode_rgb",
     "format_hash",
     "hash_file",
     "hash_gray",

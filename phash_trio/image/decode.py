@@ -1,4 +1,7 @@
-"""Image bytes -> the 8-bit gray pixels that image-rs ``load_from_memory(..).to_luma8()`` gives.
+"""Image bytes -> the pixels image-rs ``load_from_memory(..)`` gives, then ``to_luma8``/``to_rgb8``.
+
+:func:`decode_gray` is what the mean hash uses; :func:`decode_rgb` (``to_rgb8``) is for PDQ;
+:func:`decode_pixels` is the colour type the reference's decoder produced, before conversion.
 
 The reference (image 0.25.10 with features jpeg, png, gif, webp, bmp, tiff) is reproduced
 format by format:
@@ -6,15 +9,18 @@ format by format:
 * the format comes from the magic bytes (``image::guess_format``), never from a file name;
 * the size is read from the header and checked against ``max_pixels`` before any pixel is
   decoded, so a tiny file claiming 100000x100000 costs nothing;
-* PNG: chunks are walked here (CRCs checked like the ``png`` crate, text chunks dropped so no
-  size limit of Pillow's applies to them), then Pillow unfilters; 16-bit samples are recovered
-  in full by decoding the IDAT stream a second time with a low-byte raw mode;
-* GIF: the first frame is parsed here (palette colour even for the transparent index, 0 outside
-  the frame's rectangle, no palette is an error) and only its LZW data goes to Pillow;
+* PNG (:mod:`~phash_trio.image.png`): chunks walked as the ``png`` crate does, Pillow
+  unfilters; 16-bit samples are recovered in full with a second, low-byte decode;
+* GIF (:mod:`~phash_trio.image.gif`): the first frame, parsed here, composed on the screen;
 * JPEG/MPO: :mod:`phash_trio.image.jpeg.decoder`, a zune-jpeg port (libjpeg's pixels differ);
-* WebP: Pillow (libwebp) for stills; the first frame of an animation is cut out into a still,
-  decoded, and composited as image-webp 0.2.4 does (transparent canvas, its integer blend);
-* BMP, TIFF: Pillow, first frame.
+* WebP (:mod:`~phash_trio.image.webp`): libwebp for stills; animations by their first frame,
+  composited as image-webp 0.2.4 does;
+* BMP (RLE with :mod:`~phash_trio.image.bmprle`), TIFF (:mod:`~phash_trio.image.tiff` checks the
+  IFD first): Pillow, first frame.
+
+Decoded pixels are converted by :mod:`~phash_trio.image.pixels` (``to_luma8``/``to_rgb8``, band
+by band for big images) with the arithmetic of :mod:`~phash_trio.image.luma`. Before any pixel
+is decoded, the header's size is checked against ``max_pixels`` and :data:`SAMPLE_BUDGET`.
 
 No EXIF orientation, no ICC; alpha is dropped, never composited. Every failure is one of the
 typed errors below, with a one-line message::
@@ -28,32 +34,60 @@ typed errors below, with a one-line message::
 from __future__ import annotations
 
 import enum
-import functools
-import io
 import struct
 import zlib
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
-import numpy.typing as npt
-from loguru import logger
-from PIL import Image, ImageFile, TiffTags, UnidentifiedImageError
+from PIL import Image
+
+from phash_trio.image.bmprle import use_fast_rle
+from phash_trio.image.errors import (
+    CorruptImage,
+    ImageError,
+    ImageTooLarge,
+    UnsupportedImage,
+    one_line,
+)
+from phash_trio.image.gif import decode_gif
+from phash_trio.image.luma import luma_from_rgb8, luma_from_rgb16
+from phash_trio.image.pixels import (
+    Banded,
+    PixelArray,
+    U8Array,
+    open_image,
+    pillow_banded,
+    pillow_pixels,
+    to_luma8,
+    to_rgb8,
+)
+from phash_trio.image.png import decode_png
+from phash_trio.image.tiff import (
+    tiff_check_blocks,
+    tiff_fields,
+    tiff_low_byte_rawmode,
+    tiff_rgb16,
+    tiff_size,
+)
+from phash_trio.image.webp import decode_webp, webp_size
 
 __all__ = [
+    "SAMPLE_BUDGET",
     "CorruptImage",
     "ImageError",
     "ImageFormat",
     "ImageTooLarge",
     "UnsupportedImage",
     "decode_gray",
+    "decode_pixels",
+    "decode_rgb",
     "header_size",
     "luma_from_rgb8",
     "luma_from_rgb16",
     "sniff_format",
+    "to_luma8",
+    "to_rgb8",
 ]
-
-U8Array = npt.NDArray[np.uint8]
-F32 = np.float32
 
 # Exceptions Pillow (and struct/zlib under it) raise on broken data.
 _DECODER_ERRORS = (
@@ -68,30 +102,6 @@ _DECODER_ERRORS = (
     zlib.error,
     OverflowError,
 )
-
-
-class ImageError(Exception):
-    """The bytes cannot be hashed; ``str()`` is one line saying why."""
-
-    __module__ = "phash_trio.image"
-
-
-class ImageTooLarge(ImageError):
-    """More bytes or pixels than allowed (a decompression bomb or just too big)."""
-
-    __module__ = "phash_trio.image"
-
-
-class UnsupportedImage(ImageError):
-    """Empty input, not an image, or a format the reference does not decode."""
-
-    __module__ = "phash_trio.image"
-
-
-class CorruptImage(ImageError):
-    """Truncated or malformed image data."""
-
-    __module__ = "phash_trio.image"
 
 
 class ImageFormat(enum.Enum):
@@ -147,30 +157,6 @@ def _gif_size(data: bytes) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _webp_size(data: bytes) -> tuple[int, int]:
-    chunk = data[12:16]
-    body = 20
-    if chunk == b"VP8X":
-        w = int.from_bytes(data[body + 4 : body + 7], "little") + 1
-        h = int.from_bytes(data[body + 7 : body + 10], "little") + 1
-        if len(data) < body + 10:
-            raise IndexError
-        return w, h
-    if chunk == b"VP8L":
-        if data[body] != 0x2F:
-            raise CorruptImage("webp: bad VP8L signature")
-        bits = int.from_bytes(data[body + 1 : body + 5], "little")
-        if len(data) < body + 5:
-            raise IndexError
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8 ":
-        if data[body + 3 : body + 6] != b"\x9d\x01\x2a":
-            raise CorruptImage("webp: bad VP8 start code")
-        w, h = struct.unpack_from("<HH", data, body + 6)
-        return int(w) & 0x3FFF, int(h) & 0x3FFF
-    raise CorruptImage(f"webp: unknown first chunk {chunk!r}")
-
-
 _JPEG_SOF = frozenset(
     {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 )
@@ -205,145 +191,14 @@ def _bmp_size(data: bytes) -> tuple[int, int]:
     return abs(int(w)), abs(int(h))
 
 
-# Bytes per value of each TIFF field type Pillow reads.
-_TIFF_UNIT = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4,
-              16: 8, 17: 8, 18: 8}  # fmt: skip
-
-
-def _tiff_size(data: bytes) -> tuple[int, int]:
-    """Size from the first IFD, which must be well formed.
-
-    Pillow only *warns* about IFD entries pointing past the end of the file, a truncated IFD or
-    extra values in single-valued tags, then decodes whatever it can; we refuse those files
-    (a warning is no answer, and the tiff crate is strict).
-    """
-    order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")
-    if big:
-        (ifd,) = struct.unpack_from(order + "Q", data, 8)
-        (count,) = struct.unpack_from(order + "Q", data, ifd)
-        entry, first, inline = 20, ifd + 8, 8
-    else:
-        (ifd,) = struct.unpack_from(order + "I", data, 4)
-        (count,) = struct.unpack_from(order + "H", data, ifd)
-        entry, first, inline = 12, ifd + 2, 4
-    if first + count * entry + inline > len(data):
-        raise CorruptImage("tiff: first IFD runs past the end of the file")
-    found: dict[int, int] = {}
-    total = 0
-    for n in range(count):
-        at = first + n * entry
-        tag, kind = struct.unpack_from(order + "HH", data, at)
-        (values,) = struct.unpack_from(order + ("Q" if big else "I"), data, at + 4)
-        unit = _TIFF_UNIT.get(kind)
-        if unit is None:
-            continue  # Pillow skips unknown types
-        size = values * unit
-        if size > inline:
-            (offset,) = struct.unpack_from(order + ("Q" if big else "I"), data, at + 4 + inline)
-            total += size
-            if offset + size > len(data) or total > len(data):
-                raise CorruptImage(f"tiff: data of tag {tag} lies past the end of the file")
-        if kind != 2 and values > 1 and tag != 262 and TiffTags.lookup(tag).length == 1:
-            raise CorruptImage(f"tiff: tag {tag} has {values} values, expected 1")
-        if tag in (256, 257) and values == 1 and kind in (3, 4, 16):
-            fmt = {3: "H", 4: "I", 16: "Q"}[kind]
-            (value,) = struct.unpack_from(order + fmt, data, at + 4 + inline)
-            found[tag] = int(value)
-    if 256 not in found or 257 not in found:
-        raise CorruptImage("tiff: no image size in the first IFD")
-    return found[256], found[257]
-
-
 _HEADER_READERS = {
     ImageFormat.PNG: _png_size,
     ImageFormat.GIF: _gif_size,
-    ImageFormat.WEBP: _webp_size,
+    ImageFormat.WEBP: webp_size,
     ImageFormat.JPEG: _jpeg_size,
     ImageFormat.BMP: _bmp_size,
-    ImageFormat.TIFF: _tiff_size,
+    ImageFormat.TIFF: tiff_size,
 }
-
-
-# --------------------------------------------------------------------------- luma
-
-
-def _f32_bits(bits: int) -> np.float32:
-    return F32(np.frombuffer(bits.to_bytes(4, "little"), dtype="<f4")[0])
-
-
-# BT.709 Y row derived by moxcms, as image >= 0.25.7 uses (not the rounded 0.2126/0.7152/0.0722).
-_KR = _f32_bits(0x3E59C05B)
-_KG = _f32_bits(0x3F3715FC)
-_KB = _f32_bits(0x3D93CF75)
-_CHUNK = 1 << 18  # pixels per block: keeps the f32 temporaries in cache
-
-
-@functools.cache
-def _luma_tables(depth: int) -> tuple[npt.NDArray[np.float32], ...]:
-    """``(v as f32 * (1/max)) * k`` for every sample value: the same f32 ops, done once."""
-    top = (1 << depth) - 1
-    scale = F32(1.0) / F32(top)
-    values = np.arange(top + 1, dtype=F32) * scale
-    return tuple((values * k).astype(F32) for k in (_KR, _KG, _KB))
-
-
-@functools.cache
-def luma8_table() -> U8Array:
-    """``to_luma8`` of every 8-bit colour, indexed by ``r | g << 8 | b << 16`` (16 MiB).
-
-    Built from the same f32 operations (9 ms, once); one table lookup per pixel then beats
-    redoing the float arithmetic on every pixel of a photo by 3x. Rounding half away from zero
-    is ``floor(x + 0.5)``, here in f32 with truncation: a test compares all 2**24 entries
-    with an f64 rounding to prove that is exact (and that nothing exceeds 255).
-    """
-    tr, tg, tb = _luma_tables(8)
-    planes = np.empty((256, 256 * 256), dtype=np.uint8)
-    red_green = (tr[None, :] + tg[:, None]).reshape(-1)  # [g, r] -> pr + pg
-    for blue in range(256):
-        total = red_green + tb[blue]
-        total *= F32(255.0)
-        total += F32(0.5)
-        planes[blue] = total
-    table: U8Array = planes.reshape(-1)
-    table.setflags(write=False)
-    return table
-
-
-def luma_from_rgb8(rgb: U8Array) -> U8Array:
-    """image-rs ``to_luma8`` of an 8-bit ``(H, W, >=3)`` RGB(A) array (alpha ignored)."""
-    table = luma8_table()
-    height, width, channels = rgb.shape
-    flat = rgb.reshape(-1, channels)
-    out = np.empty(flat.shape[0], dtype=np.uint8)
-    words = np.zeros((min(flat.shape[0], _CHUNK), 4), dtype=np.uint8)
-    for start in range(0, flat.shape[0], _CHUNK):
-        part = flat[start : start + _CHUNK, :3]
-        packed = words[: part.shape[0]]
-        for channel in range(3):  # column by column: a (n, 3) block copy is 3x slower
-            packed[:, channel] = part[:, channel]
-        np.take(table, packed.view("<u4").reshape(-1), out=out[start : start + part.shape[0]])
-    return out.reshape(height, width)
-
-
-def luma_from_rgb16(rgb: npt.NDArray[np.integer[Any]]) -> U8Array:
-    """image-rs ``to_luma8`` of a 16-bit ``(H, W, >=3)`` RGB(A) array (alpha ignored).
-
-    ``((0 + r*kr) + g*kg) + b*kb`` in f32 with ``c as f32 * (1/65535)``, then
-    ``(l * 255).round()`` (half away from zero, in f64 so that ``+ 0.5`` is exact), saturated.
-    """
-    tr, tg, tb = _luma_tables(16)
-    total: npt.NDArray[np.float32] = tr[rgb[..., 0]] + tg[rgb[..., 1]]
-    total += tb[rgb[..., 2]]
-    total *= F32(255.0)
-    rounded = np.floor(total.astype(np.float64) + 0.5)
-    out: U8Array = np.clip(rounded, 0.0, 255.0).astype(np.uint8)
-    return out
-
-
-def _gray16_to_8(gray: npt.NDArray[Any]) -> U8Array:
-    """Luma16 -> Luma8 is ``(v + 128) / 257`` in integers."""
-    return ((gray.astype(np.uint32) + 128) // 257).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -351,6 +206,38 @@ def _gray16_to_8(gray: npt.NDArray[Any]) -> U8Array:
 
 def decode_gray(data: bytes, *, max_pixels: int) -> U8Array:
     """The 2-D uint8 gray image the reference hashes, or a typed :class:`ImageError`."""
+    return _converted(to_luma8, _decode(data, max_pixels))
+
+
+def decode_rgb(data: bytes, *, max_pixels: int) -> U8Array:
+    """``(H, W, 3)`` uint8: what image-rs ``load_from_memory(..).to_rgb8()`` gives (for PDQ).
+
+    Alpha is dropped (never composited), gray is repeated into the three channels, 16-bit
+    samples become ``(v + 128) / 257``. Same errors and limits as :func:`decode_gray`.
+    """
+    return _converted(to_rgb8, _decode(data, max_pixels))
+
+
+def _converted(
+    convert: Callable[[PixelArray | Banded], U8Array], source: PixelArray | Banded
+) -> U8Array:
+    try:
+        return convert(source)
+    except MemoryError:
+        raise ImageTooLarge("out of memory converting the decoded pixels") from None
+
+
+def decode_pixels(data: bytes, *, max_pixels: int) -> PixelArray:
+    """The decoded pixels in the colour type the reference's decoder gives.
+
+    One of: ``(H, W)`` uint8 (Luma8) or uint16 (Luma16); ``(H, W, 3|4)`` uint8 (Rgb8/Rgba8)
+    or uint16 (Rgb16/Rgba16). Gray+alpha arrives as gray: the alpha is never used.
+    """
+    source = _decode(data, max_pixels)
+    return source if isinstance(source, np.ndarray) else source.whole()
+
+
+def _decode(data: bytes, max_pixels: int) -> PixelArray | Banded:
     fmt = sniff_format(data)
     width, height = header_size(fmt, data)
     if width <= 0 or height <= 0:
@@ -360,27 +247,57 @@ def decode_gray(data: bytes, *, max_pixels: int) -> U8Array:
         raise ImageTooLarge(
             f"{fmt.value}: {width}x{height} is {width * height} pixels, limit {limit}"
         )
+    sample_bytes = width * height * _bytes_per_pixel(fmt, data)
+    if sample_bytes > SAMPLE_BUDGET:
+        raise ImageTooLarge(
+            f"{fmt.value}: {width}x{height} at {sample_bytes // (width * height)} bytes a pixel"
+            f" is {sample_bytes >> 20} MiB of samples, limit {SAMPLE_BUDGET >> 20} MiB"
+        )
     try:
         if fmt is ImageFormat.PNG:
-            gray = _decode_png(data)
+            pixels = decode_png(data)
         elif fmt is ImageFormat.GIF:
-            gray = _decode_gif(data, limit)
+            pixels = decode_gif(data, limit)
         elif fmt is ImageFormat.JPEG:
-            gray = _decode_jpeg(data, limit)
+            pixels = _decode_jpeg(data, limit)
         elif fmt is ImageFormat.WEBP:
-            gray = _decode_webp(data, limit)
+            pixels = decode_webp(data, limit)
         else:
-            gray = _decode_pillow(data, fmt, limit)
+            pixels = _decode_pillow(data, fmt, limit)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{fmt.value}: {exc}") from None
     except MemoryError:
         raise ImageTooLarge(f"{fmt.value}: out of memory decoding {width}x{height}") from None
     except _DECODER_ERRORS as exc:
-        logger.debug("{} decoder raised {}: {}", fmt.value, type(exc).__name__, exc)
-        raise CorruptImage(f"{fmt.value}: {_one_line(exc)}") from None
-    if gray.ndim != 2 or gray.size == 0:
+        raise CorruptImage(f"{fmt.value}: {one_line(exc)}") from None
+    if isinstance(pixels, np.ndarray) and (pixels.size == 0 or not _is_pixel_array(pixels)):
         raise CorruptImage(f"{fmt.value}: decoder returned no pixels")
-    return gray
+    return pixels
+
+
+#: Most bytes of decoded samples one image may need. 8-bit images stay under it up to the
+#: pixel cap (25 MP RGBA is 100 MB); 16-bit colour PNG/TIFF past ~16 MP do not: Pillow decodes
+#: such a PNG twice (high, then low bytes), 2.4 s and 280 MB at 25 MP. Such a file fits in a
+#: 2 MB blob only when it is synthetic (a real 16 MP 16-bit photo is > 50 MB).
+SAMPLE_BUDGET = 128 << 20
+
+
+def _bytes_per_pixel(fmt: ImageFormat, data: bytes) -> int:
+    """Decoded bytes per pixel as the header declares them (4 where it does not say)."""
+    if fmt is ImageFormat.PNG and len(data) >= 26:
+        depth, colour = data[24], data[25]
+        channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 4)
+        return max(1, channels * depth // 8)
+    if fmt is ImageFormat.TIFF:
+        fields = tiff_fields(data)
+        return max(1, fields.get(277, 1) * -(-fields.get(258, 8) // 8))
+    return 4
+
+
+def _is_pixel_array(pixels: PixelArray) -> bool:
+    if pixels.dtype not in (np.uint8, np.uint16):
+        return False
+    return pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (3, 4))
 
 
 def _pixel_limit(max_pixels: int) -> int:
@@ -389,350 +306,28 @@ def _pixel_limit(max_pixels: int) -> int:
     return max_pixels if pillow is None else min(max_pixels, pillow)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]
-
-
-def _open(data: bytes, fmt: str) -> ImageFile.ImageFile:
-    """Open with the one Pillow plugin that the magic bytes named."""
-    try:
-        im = Image.open(io.BytesIO(data), formats=[fmt])
-    except UnidentifiedImageError:
-        raise CorruptImage(f"{fmt.lower()}: cannot be read as {fmt}") from None
-    assert isinstance(im, ImageFile.ImageFile)
-    return im
-
-
-def _pillow_gray(im: Image.Image) -> U8Array:
-    """Gray pixels from a loaded Pillow image, following ``to_luma8`` per colour type."""
-    mode = im.mode
-    if mode == "L":
-        return np.asarray(im)
-    if mode == "LA":
-        return np.ascontiguousarray(np.asarray(im)[..., 0])
-    if mode == "1":
-        return np.asarray(im.convert("L"))
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return _gray16_to_8(np.asarray(im))
-    if mode == "P":
-        return luma_from_rgb8(_palette_lut(im.getpalette("RGB") or [])[np.asarray(im)])
-    if mode in ("RGB", "RGBA", "RGBX"):
-        return luma_from_rgb8(np.asarray(im))
-    raise UnsupportedImage(f"{(im.format or 'image').lower()}: pixel mode {mode} not supported")
-
-
-def _palette_lut(palette: bytes | list[int]) -> U8Array:
-    """A 256-entry RGB table; entries the file does not define are black (as in png/gif)."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    raw = palette if isinstance(palette, bytes) else bytes(palette)
-    colours = np.frombuffer(raw, dtype=np.uint8)[: 256 * 3]
-    colours = colours[: len(colours) - len(colours) % 3].reshape(-1, 3)
-    lut[: len(colours)] = colours
-    return lut
-
-
-def _decode_pillow(data: bytes, fmt: ImageFormat, limit: int) -> U8Array:
+def _decode_pillow(data: bytes, fmt: ImageFormat, limit: int) -> PixelArray | Banded:
     name = {ImageFormat.WEBP: "WEBP", ImageFormat.BMP: "BMP", ImageFormat.TIFF: "TIFF"}[fmt]
-    with _open(data, name) as im:
-        if im.width * im.height > limit:
-            raise ImageTooLarge(f"{fmt.value}: {im.width}x{im.height} exceeds {limit} pixels")
-        im.load()
-        if im.mode == "CMYK":
-            return luma_from_rgb8(np.asarray(im.convert("RGB")))
-        return _pillow_gray(im)
-
-
-# --------------------------------------------------------------------------- WebP
-
-
-def _riff_chunks(data: bytes, start: int, stop: int) -> list[tuple[bytes, int, int]]:
-    """``(fourcc, body_start, body_end)`` of the RIFF chunks in ``data[start:stop]``."""
-    chunks = []
-    pos = start
-    while pos + 8 <= stop:
-        fourcc = data[pos : pos + 4]
-        (size,) = struct.unpack_from("<I", data, pos + 4)
-        body = pos + 8
-        if body + size > stop:
-            raise CorruptImage(f"webp: truncated {fourcc.decode('latin-1')!r} chunk")
-        chunks.append((fourcc, body, body + size))
-        pos = body + size + (size & 1)
-    return chunks
-
-
-def _decode_webp(data: bytes, limit: int) -> U8Array:
-    """Stills through Pillow; animations by their first frame, composited like image-webp.
-
-    libwebp (Pillow) composites the first frame onto a transparent canvas without blending;
-    image-webp 0.2.4 blends it (when the frame asks for blending) with its integer formula,
-    which turns fully transparent pixels black and can lower other values by one.
-    """
-    if data[12:16] != b"VP8X" or not data[20] & 0x02:
-        return _decode_pillow(data, ImageFormat.WEBP, limit)
-    canvas_w, canvas_h = _webp_size(data)
-    chunks = _riff_chunks(data, 12, len(data))
-    frames = [c for c in chunks if c[0] == b"ANMF"]
-    if not frames or not any(c[0] == b"ANIM" for c in chunks):
-        raise CorruptImage("webp: animation without ANIM or ANMF chunk")
-    _, start, stop = frames[0]
-    if stop - start < 24:
-        raise CorruptImage("webp: ANMF chunk too small")
-    head = data[start : start + 16]
-    x = int.from_bytes(head[0:3], "little") * 2
-    y = int.from_bytes(head[3:6], "little") * 2
-    width = int.from_bytes(head[6:9], "little") + 1
-    height = int.from_bytes(head[9:12], "little") + 1
-    blend = not head[15] & 0x02
-    if width > 16384 or height > 16384 or width * height > limit:
-        raise ImageTooLarge(f"webp: animation frame {width}x{height} is too large")
-    if x + width > canvas_w or y + height > canvas_h:
-        raise CorruptImage("webp: animation frame lies outside the canvas")
-    frame, has_alpha = _webp_frame_pixels(data, _riff_chunks(data, start + 16, stop), limit)
-    if frame.shape[:2] != (height, width):
-        raise CorruptImage("webp: animation frame size disagrees with its ANMF header")
-    canvas = np.zeros((canvas_h, canvas_w, 4), dtype=np.uint8)
-    region = canvas[y : y + height, x : x + width]
-    if has_alpha and blend:  # the canvas starts transparent: no background colour (0.2.2+)
-        region[...] = _webp_blend_over_transparent(frame)
-    else:
-        region[..., : frame.shape[2]] = frame
-        if frame.shape[2] == 3:
-            region[..., 3] = 255
-    return luma_from_rgb8(canvas)
-
-
-def _webp_frame_pixels(
-    data: bytes, subchunks: list[tuple[bytes, int, int]], limit: int
-) -> tuple[U8Array, bool]:
-    """Decode one ANMF frame by re-wrapping its bitstream as a still WebP for Pillow."""
-    if not subchunks:
-        raise CorruptImage("webp: empty animation frame")
-
-    def chunk(c: tuple[bytes, int, int]) -> bytes:
-        body = data[c[1] : c[2]]
-        return c[0] + struct.pack("<I", len(body)) + body + b"\x00" * (len(body) & 1)
-
-    kind = subchunks[0][0]
-    if kind == b"VP8L":
-        payload, has_alpha = chunk(subchunks[0]), True
-    elif kind == b"VP8 ":
-        payload, has_alpha = chunk(subchunks[0]), False
-    elif kind == b"ALPH" and len(subchunks) > 1 and subchunks[1][0] == b"VP8 ":
-        vp8 = data[subchunks[1][1] : subchunks[1][2]]
-        if len(vp8) < 10:
-            raise CorruptImage("webp: truncated VP8 frame")
-        w, h = (int(v) & 0x3FFF for v in struct.unpack_from("<HH", vp8, 6))
-        vp8x = b"\x10\x00\x00\x00" + (w - 1).to_bytes(3, "little") + (h - 1).to_bytes(3, "little")
-        payload = b"VP8X\x0a\x00\x00\x00" + vp8x + chunk(subchunks[0]) + chunk(subchunks[1])
-        has_alpha = True
-    else:
-        raise CorruptImage(f"webp: unexpected {kind.decode('latin-1')!r} chunk in a frame")
-    still = b"RIFF" + struct.pack("<I", len(payload) + 4) + b"WEBP" + payload
-    with _open(still, "WEBP") as im:
-        if im.width * im.height > limit:
-            raise ImageTooLarge(f"webp: frame {im.width}x{im.height} exceeds {limit} pixels")
-        im.load()
-        pixels = np.asarray(im.convert("RGBA") if im.mode not in ("RGB", "RGBA") else im)
-    if has_alpha and pixels.shape[2] == 3:  # VP8L without the alpha hint: all opaque
-        pixels = np.concatenate([pixels, np.full((*pixels.shape[:2], 1), 255, np.uint8)], 2)
-    return pixels, has_alpha
-
-
-def _webp_blend_over_transparent(frame: U8Array) -> U8Array:
-    """image-webp's ``do_alpha_blending(src, [0, 0, 0, 0])`` (libwebp's integer formula).
-
-    With a transparent destination: alpha 0 gives ``[0, 0, 0, 0]``; otherwise each channel is
-    ``(c * a * (2**24 // a)) >> 24`` and alpha stays ``a``.
-    """
-    alpha = frame[..., 3].astype(np.uint64)
-    scale = np.where(alpha > 0, (1 << 24) // np.maximum(alpha, 1), 0)
-    rgb = (frame[..., :3].astype(np.uint64) * alpha[..., None] * scale[..., None]) >> 24
-    out = np.zeros(frame.shape, dtype=np.uint8)
-    out[..., :3] = rgb.astype(np.uint8)
-    out[..., 3] = frame[..., 3]
-    return out
-
-
-# --------------------------------------------------------------------------- PNG
-
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
-_PNG_KEEP = frozenset({b"IHDR", b"PLTE", b"tRNS"})
-_PNG_VALID = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-
-
-def _png_minimal(data: bytes) -> tuple[bytes, int, int]:
-    """Check the chunks the reference reads and rebuild a PNG with only what matters.
-
-    Returns ``(png_bytes, bit_depth, colour_type)``. CRCs are verified for every chunk up to
-    the end of the first IDAT run (the ``png`` crate does); text, colour-management and
-    animation chunks are left out (the reference ignores them and Pillow limits text size).
-    """
-    pos = len(_PNG_SIG)
-    kept = [_PNG_SIG]
-    ihdr: bytes | None = None
-    idat_seen = False
-    while True:
-        if idat_seen and pos == len(data):
-            break  # no IEND: fine if the IDAT data is complete (Pillow checks that)
-        if pos + 8 > len(data):
-            raise CorruptImage("png: truncated before the image data ended")
-        length, ctype = struct.unpack_from(">I4s", data, pos)
-        if idat_seen and ctype != b"IDAT":
-            break  # image data complete; the reference reads no further
-        if ihdr is None and ctype != b"IHDR":
-            raise CorruptImage(f"png: {ctype!r} chunk appeared before IHDR")
-        end = pos + 8 + length
-        if end + 4 > len(data):
-            raise CorruptImage(f"png: truncated {ctype.decode('latin-1')!r} chunk")
-        (crc,) = struct.unpack_from(">I", data, end)
-        if zlib.crc32(data[pos + 4 : end]) != crc:
-            raise CorruptImage(f"png: CRC error in {ctype.decode('latin-1')!r} chunk")
-        chunk = data[pos : end + 4]
-        if ctype == b"IHDR":
-            if ihdr is not None or length != 13:
-                raise CorruptImage("png: bad IHDR chunk")
-            ihdr = data[pos + 8 : end]
-            kept.append(chunk)
-        elif ctype == b"IDAT":
-            idat_seen = True
-            kept.append(chunk)
-        elif ctype == b"IEND":
-            break
-        elif ctype in _PNG_KEEP:
-            kept.append(chunk)
-        pos = end + 4
-    if ihdr is None or not idat_seen:
-        raise CorruptImage("png: no image data")
-    if ihdr[9] == 3 and not any(c[4:8] == b"PLTE" for c in kept):
-        raise CorruptImage("png: palette image without a PLTE chunk")
-    depth, colour, compression, filtering, interlace = ihdr[8:13]
-    if depth not in _PNG_VALID.get(colour, ()):
-        raise CorruptImage(f"png: invalid bit depth {depth} for colour type {colour}")
-    if compression != 0 or filtering != 0 or interlace > 1:
-        raise CorruptImage("png: unknown compression, filter or interlace method")
-    kept.append(b"\x00\x00\x00\x00IEND\xaeB`\x82")
-    return b"".join(kept), depth, colour
-
-
-def _decode_png(data: bytes) -> U8Array:
-    png, depth, colour = _png_minimal(data)
-    if depth == 16 and colour in (2, 4, 6):
-        return _decode_png16_colour(png, colour)
-    with _open(png, "PNG") as im:
-        im.load()
-        return _pillow_gray(im)
-
-
-def _load_with_rawmode(png: bytes, rawmode: str) -> npt.NDArray[np.uint8]:
-    """Decode the IDAT stream again with another Pillow raw mode (same filter stride)."""
-    with _open(png, "PNG") as im:
-        im.tile = [tile._replace(args=rawmode) for tile in im.tile]
-        im.load()
-        return np.asarray(im)
-
-
-def _decode_png16_colour(png: bytes, colour: int) -> U8Array:
-    """16-bit RGB, RGBA, gray+alpha: Pillow keeps only the high bytes, so fetch the low ones.
-
-    The unfilter stride comes from the raw mode's bits per pixel, so ``RGB;16L``/
-    ``RGBA;16L`` (which pick the odd bytes) unfilter exactly like the ``;16B`` modes; gray+alpha
-    (4 bytes a pixel) is read with plain ``RGBA``, which copies the 4 bytes as they are.
-    """
-    if colour == 4:
-        raw = _load_with_rawmode(png, "RGBA").astype(np.uint16)
-        return _gray16_to_8((raw[..., 0] << 8) | raw[..., 1])
-    base = "RGB" if colour == 2 else "RGBA"
-    high = _load_with_rawmode(png, base + ";16B").astype(np.uint16)
-    low = _load_with_rawmode(png, base + ";16L")
-    return luma_from_rgb16((high << 8) | low.astype(np.uint16))
-
-
-# --------------------------------------------------------------------------- GIF
-
-
-def _skip_sub_blocks(data: bytes, pos: int) -> int:
-    while True:
-        size = data[pos]
-        pos += 1
-        if size == 0:
-            return pos
-        pos += size
-        if pos > len(data):
-            raise CorruptImage("gif: unexpected end of file")
-
-
-def _decode_gif(data: bytes, limit: int) -> U8Array:
-    """First frame as the gif crate + image-rs compose it: screen-sized, 0 outside the frame."""
-    try:
-        return _decode_gif_frame(data, limit)
-    except (IndexError, struct.error):
-        raise CorruptImage("gif: unexpected end of file") from None
-
-
-def _decode_gif_frame(data: bytes, limit: int) -> U8Array:
-    screen_w, screen_h, flags = struct.unpack_from("<HHB", data, 6)
-    pos = 13
-    global_palette = b""
-    if flags & 0x80:
-        size = 3 << ((flags & 7) + 1)
-        global_palette = data[pos : pos + size]
-        pos += size
-    transparent: int | None = None
-    while True:
-        block = data[pos]
-        pos += 1
-        if block == 0x21:  # extension
-            label = data[pos]
-            pos += 1
-            if label == 0xF9 and data[pos] >= 4:  # graphic control
-                packed, index = data[pos + 1], data[pos + 4]
-                transparent = index if packed & 1 else None
-            pos = _skip_sub_blocks(data, pos)
-        elif block == 0x2C:  # image descriptor
-            break
-        elif block == 0x3B:
-            raise CorruptImage("gif: no image in file")
-        else:
-            raise CorruptImage(f"gif: unknown block type 0x{block:02x}")
-    left, top, width, height, desc_flags = struct.unpack_from("<HHHHB", data, pos)
-    pos += 9
-    palette = global_palette
-    if desc_flags & 0x80:
-        size = 3 << ((desc_flags & 7) + 1)
-        palette = data[pos : pos + size]
-        pos += size
-    if len(palette) % 3 or pos > len(data):
-        raise CorruptImage("gif: unexpected end of file")
-    if not palette:
-        raise CorruptImage("gif: no color table available for current frame")
-    if width == 0 or height == 0:
-        raise CorruptImage("gif: empty frame")
-    if width * height > limit:  # the frame is decoded whole, even where the screen clips it
-        raise ImageTooLarge(f"gif: frame {width}x{height} exceeds the limit of {limit} pixels")
-    code_size = data[pos]
-    if not 1 <= code_size <= 11:
-        raise CorruptImage(f"gif: invalid LZW minimum code size {code_size}")
-    lzw = data[pos + 1 : _skip_sub_blocks(data, pos + 1)]
-    interlace = bool(desc_flags & 0x40)
-    frame = Image.frombytes("L", (width, height), lzw, "gif", code_size, interlace, -1)
-    indices = np.asarray(frame)
-
-    # Palette colour for every index (transparent too); indices past the table stay black.
-    frame_gray = luma_from_rgb8(_palette_lut(palette)[indices])
-    del transparent  # alpha is dropped: the transparent index keeps its palette colour
-
-    canvas = np.zeros((screen_h, screen_w), dtype=np.uint8)
-    x1, y1 = min(left + width, screen_w), min(top + height, screen_h)
-    if left < x1 and top < y1:
-        canvas[top:y1, left:x1] = frame_gray[: y1 - top, : x1 - left]
-    return canvas
+    if fmt is ImageFormat.TIFF:
+        tiff_check_blocks(data, limit)
+    im = open_image(data, name)  # not closed: a closed image has no pixels for the bands
+    if im.width * im.height > limit:
+        raise ImageTooLarge(f"{fmt.value}: {im.width}x{im.height} exceeds {limit} pixels")
+    if fmt is ImageFormat.BMP:
+        use_fast_rle(im)
+    low_mode = tiff_low_byte_rawmode(im) if fmt is ImageFormat.TIFF else None
+    im.load()
+    if low_mode is not None:
+        return tiff_rgb16(data, im, low_mode)
+    if im.mode == "CMYK":
+        return pillow_banded(im.convert("RGB"))
+    return pillow_pixels(im)
 
 
 # --------------------------------------------------------------------------- JPEG
 
 
-def _decode_jpeg(data: bytes, limit: int) -> U8Array:
+def _decode_jpeg(data: bytes, limit: int) -> PixelArray:
     """zune-jpeg's pixels via :mod:`phash_trio.image.jpeg.decoder` (imported on first use).
 
     No Pillow fallback: libjpeg-turbo's pixels differ from zune-jpeg's, and a file the zune
@@ -745,14 +340,12 @@ def _decode_jpeg(data: bytes, limit: int) -> U8Array:
     try:
         pixels = jpegdecode.decode_jpeg(data, max_pixels=limit)
     except too_large as exc:
-        raise ImageTooLarge(f"jpeg: {_one_line(exc)}") from None
+        raise ImageTooLarge(f"jpeg: {one_line(exc)}") from None
     except unsupported as exc:
-        raise UnsupportedImage(f"jpeg: {_one_line(exc)}") from None
+        raise UnsupportedImage(f"jpeg: {one_line(exc)}") from None
     except jpegdecode.JpegDecodeError as exc:
-        raise CorruptImage(f"jpeg: {_one_line(exc)}") from None
+        raise CorruptImage(f"jpeg: {one_line(exc)}") from None
     arr = np.asarray(pixels, dtype=np.uint8)
-    if arr.ndim == 2:
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3):
         return arr
-    if arr.ndim == 3 and arr.shape[2] >= 3:
-        return luma_from_rgb8(arr)
     raise CorruptImage(f"jpeg: decoder returned pixels of shape {arr.shape}")
