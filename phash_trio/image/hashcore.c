@@ -1,0 +1,945 @@
+/*
+ * phash_trio.image.hashcore: the compiled hashing core.
+ *
+ * JPEG: libjpeg-turbo's public API reads the quantised coefficients (jpeg_mem_src, a setjmp/
+ * longjmp error_exit, an emit_message hook that records "Corrupt JPEG data" warnings, one
+ * decompress object per call); then zune-jpeg 0.5's pixel stages are redone here bit for bit:
+ * stb_image's integer IDCT, triangle chroma upsampling, 14-bit YCbCr->RGB, CMYK/YCCK.
+ * Gray: image-rs to_luma8 (f32 BT.709 as moxcms derives it, no FMA). Resize: image-rs
+ * imageops::resize with Lanczos3, the same f32 operations in the same order. Mean hash.
+ *
+ * Exactness rests on plain IEEE f32 arithmetic: build with -ffp-contract=off, never
+ * -ffast-math; integer overflow wraps like Rust's release build (-fwrapv).
+ * The GIL is released around all pixel work; nothing here keeps global mutable state.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jpeglib.h>
+#include <jerror.h>
+
+#if defined(__FAST_MATH__)
+#error "hashcore must not be built with -ffast-math: results must be bit-exact"
+#endif
+
+/* ------------------------------------------------------------------ errors */
+
+static PyObject *DecodeError;  /* hashcore.JpegLibError: libjpeg refused the data */
+static PyObject *MemoryLimit;  /* hashcore.MemoryLimitError: the decode would exceed the budget */
+
+/* ------------------------------------------------------------------ libjpeg binding */
+
+typedef struct {
+    struct jpeg_error_mgr pub;
+    jmp_buf jump;
+    int corrupt;                       /* a "Corrupt JPEG data" warning was emitted */
+    long warnings;
+    char message[JMSG_LENGTH_MAX];     /* the fatal error, formatted */
+} ErrorManager;
+
+static void on_error_exit(j_common_ptr cinfo) {
+    ErrorManager *err = (ErrorManager *)cinfo->err;
+    (*cinfo->err->format_message)(cinfo, err->message);
+    longjmp(err->jump, 1);
+}
+
+static void on_emit_message(j_common_ptr cinfo, int level) {
+    ErrorManager *err = (ErrorManager *)cinfo->err;
+    if (level >= 0) {
+        return;  /* trace messages */
+    }
+    err->warnings++;
+    if (!err->corrupt) {
+        char text[JMSG_LENGTH_MAX];
+        (*cinfo->err->format_message)(cinfo, text);
+        if (strncmp(text, "Corrupt JPEG data", 17) == 0) {
+            err->corrupt = 1;
+        }
+    }
+}
+
+static void on_output_message(j_common_ptr cinfo) {
+    (void)cinfo;  /* never write to stderr */
+}
+
+/*
+ * In-memory source that hands libjpeg at most SOURCE_CHUNK bytes at a time. Not jpeg_mem_src:
+ * with the whole input in its buffer, libjpeg-turbo takes its fast Huffman path
+ * (decode_mcu_fast, used while >= 512 * blocks_in_MCU bytes are buffered), which turns an
+ * undecodable code into 0 *without* the "Corrupt JPEG data: bad Huffman code" warning we
+ * need to find where zune-jpeg stops. Below 512 bytes the checked path always runs.
+ */
+#define SOURCE_CHUNK 508
+
+typedef struct {
+    struct jpeg_source_mgr pub;
+    const JOCTET *data;
+    size_t size;
+    size_t given; /* bytes handed over so far */
+} ChunkSource;
+
+static const JOCTET fake_eoi[2] = {0xFF, JPEG_EOI};
+
+static void source_init(j_decompress_ptr cinfo) {
+    (void)cinfo;
+}
+
+static boolean source_fill(j_decompress_ptr cinfo) {
+    ChunkSource *src = (ChunkSource *)cinfo->src;
+    if (src->given < src->size) {
+        size_t n = src->size - src->given;
+        n = n < SOURCE_CHUNK ? n : SOURCE_CHUNK;
+        src->pub.next_input_byte = src->data + src->given;
+        src->pub.bytes_in_buffer = n;
+        src->given += n;
+    } else {
+        WARNMS(cinfo, JWRN_JPEG_EOF); /* as jpeg_mem_src: pretend an EOI follows */
+        src->pub.next_input_byte = fake_eoi;
+        src->pub.bytes_in_buffer = 2;
+    }
+    return TRUE;
+}
+
+static void source_skip(j_decompress_ptr cinfo, long count) {
+    ChunkSource *src = (ChunkSource *)cinfo->src;
+    if (count <= 0) {
+        return;
+    }
+    if ((size_t)count <= src->pub.bytes_in_buffer) {
+        src->pub.next_input_byte += count;
+        src->pub.bytes_in_buffer -= (size_t)count;
+        return;
+    }
+    size_t at = src->given - src->pub.bytes_in_buffer + (size_t)count;
+    src->given = at < src->size ? at : src->size;
+    src->pub.bytes_in_buffer = 0;
+}
+
+static void source_term(j_decompress_ptr cinfo) {
+    (void)cinfo;
+}
+
+typedef struct {
+    int h, v;                    /* sampling factors */
+    int rows, cols;              /* coded blocks libjpeg keeps (height/width_in_blocks) */
+    size_t plane_rows, plane_cols; /* padded plane, in pixels: whole MCUs */
+} Geometry;
+
+typedef struct {
+    struct jpeg_decompress_struct cinfo;
+    ErrorManager err;
+    ChunkSource source;
+    int created;
+    int count;
+    int width, height, max_h, max_v;
+    Geometry comp[4];
+} Reader;
+
+/* Header only: geometry is known afterwards. Returns 0, or -1 with err.message set. */
+static int reader_open(Reader *r, const unsigned char *data, size_t size, long max_memory) {
+    memset(r, 0, sizeof(*r));
+    r->cinfo.err = jpeg_std_error(&r->err.pub);
+    r->err.pub.error_exit = on_error_exit;
+    r->err.pub.emit_message = on_emit_message;
+    r->err.pub.output_message = on_output_message;
+    if (setjmp(r->err.jump)) {
+        return -1;
+    }
+    jpeg_create_decompress(&r->cinfo);
+    r->created = 1;
+    r->cinfo.mem->max_memory_to_use = max_memory;
+    r->source.pub.init_source = source_init;
+    r->source.pub.fill_input_buffer = source_fill;
+    r->source.pub.skip_input_data = source_skip;
+    r->source.pub.resync_to_restart = jpeg_resync_to_restart;
+    r->source.pub.term_source = source_term;
+    r->source.data = data;
+    r->source.size = size;
+    r->cinfo.src = &r->source.pub;
+    if (jpeg_read_header(&r->cinfo, TRUE) != JPEG_HEADER_OK) {
+        snprintf(r->err.message, sizeof(r->err.message), "no image in the JPEG data");
+        return -1;
+    }
+    r->count = r->cinfo.num_components;
+    if (r->count < 1 || r->count > 4) {
+        snprintf(r->err.message, sizeof(r->err.message), "%d components", r->count);
+        return -1;
+    }
+    r->width = (int)r->cinfo.image_width;
+    r->height = (int)r->cinfo.image_height;
+    r->max_h = r->cinfo.max_h_samp_factor;
+    r->max_v = r->cinfo.max_v_samp_factor;
+    size_t mcu_cols = ((size_t)r->width + 8 * r->max_h - 1) / (8 * (size_t)r->max_h);
+    size_t mcu_rows = ((size_t)r->height + 8 * r->max_v - 1) / (8 * (size_t)r->max_v);
+    for (int c = 0; c < r->count; c++) {
+        jpeg_component_info *info = &r->cinfo.comp_info[c];
+        Geometry *g = &r->comp[c];
+        g->h = info->h_samp_factor;
+        g->v = info->v_samp_factor;
+        g->cols = (int)info->width_in_blocks;
+        g->rows = (int)info->height_in_blocks;
+        if (r->count == 1) {
+            g->plane_rows = (size_t)g->rows * 8;
+            g->plane_cols = (size_t)g->cols * 8;
+        } else {
+            g->plane_rows = mcu_rows * (size_t)g->v * 8;
+            g->plane_cols = mcu_cols * (size_t)g->h * 8;
+        }
+    }
+    return 0;
+}
+
+static void reader_close(Reader *r) {
+    if (r->created) {
+        jpeg_destroy_decompress(&r->cinfo);
+        r->created = 0;
+    }
+}
+
+/* Bytes libjpeg's coefficient arrays take (rounded up to whole MCUs as jdcoefct.c does). */
+static size_t coefficient_bytes(const Reader *r) {
+    size_t total = 0;
+    for (int c = 0; c < r->count; c++) {
+        const Geometry *g = &r->comp[c];
+        size_t rows = ((size_t)g->rows + g->v - 1) / g->v * g->v;
+        size_t cols = ((size_t)g->cols + g->h - 1) / g->h * g->h;
+        total += rows * cols * sizeof(JBLOCK);
+    }
+    return total;
+}
+
+/* ------------------------------------------------------------------ zune's IDCT */
+
+/* One stb_image 1-D pass over v[0..7] (stride apart), results to out[0..7] (stride apart). */
+#define IDCT_1D(v0, v1, v2, v3, v4, v5, v6, v7, bias, shift, o0, o1, o2, o3, o4, o5, o6, o7) \
+    do {                                                                                     \
+        int32_t p1 = ((v2) + (v6)) * 2217;                                                   \
+        int32_t t2 = p1 + (v6) * -7567;                                                      \
+        int32_t t3 = p1 + (v2) * 3135;                                                       \
+        int32_t t0 = (int32_t)((uint32_t)((v0) + (v4)) << 12);                               \
+        int32_t t1 = (int32_t)((uint32_t)((v0) - (v4)) << 12);                               \
+        int32_t x0 = t0 + t3 + (bias), x3 = t0 - t3 + (bias);                                \
+        int32_t x1 = t1 + t2 + (bias), x2 = t1 - t2 + (bias);                                \
+        int32_t a0 = (v7), a1 = (v5), a2 = (v3), a3 = (v1);                                  \
+        int32_t q3 = a0 + a2, q4 = a1 + a3, q1 = a0 + a3, q2 = a1 + a2;                      \
+        int32_t p5 = (q3 + q4) * 4816;                                                       \
+        q1 = p5 + q1 * -3685;                                                                \
+        q2 = p5 + q2 * -10497;                                                               \
+        q3 = q3 * -8034;                                                                     \
+        q4 = q4 * -1597;                                                                     \
+        a3 = a3 * 6149 + q1 + q4;                                                            \
+        a2 = a2 * 12586 + q2 + q3;                                                           \
+        a1 = a1 * 8410 + q2 + q4;                                                            \
+        a0 = a0 * 1223 + q1 + q3;                                                            \
+        o0 = (x0 + a3) >> (shift);                                                           \
+        o1 = (x1 + a2) >> (shift);                                                           \
+        o2 = (x2 + a1) >> (shift);                                                           \
+        o3 = (x3 + a0) >> (shift);                                                           \
+        o4 = (x3 - a0) >> (shift);                                                           \
+        o5 = (x2 - a1) >> (shift);                                                           \
+        o6 = (x1 - a2) >> (shift);                                                           \
+        o7 = (x0 - a3) >> (shift);                                                           \
+    } while (0)
+
+#define ROW_BIAS 512
+#define COL_BIAS (512 + 65536 + (128 << 17))
+
+static inline uint8_t clamp_u8(int32_t v) {
+    return (uint8_t)(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+/* Dequantise one block (natural order) and write its 8x8 pixels at out (row stride). */
+static void idct_block(const JCOEF *coef, const UINT16 *quant, uint8_t *out, size_t stride) {
+    int32_t d[64];
+    int ac = 0;
+    for (int i = 0; i < 64; i++) {
+        d[i] = (int32_t)coef[i] * (int32_t)quant[i];
+        ac |= (i > 0) & (coef[i] != 0);
+    }
+    if (!ac) {
+        uint8_t value = clamp_u8((d[0] + 4 + 1024) >> 3);
+        for (int y = 0; y < 8; y++) {
+            memset(out + y * stride, value, 8);
+        }
+        return;
+    }
+    int32_t col[64]; /* col[y * 8 + u] */
+    for (int u = 0; u < 8; u++) {
+        const int32_t *v = d + u;
+        IDCT_1D(v[0], v[8], v[16], v[24], v[32], v[40], v[48], v[56], ROW_BIAS, 10,
+                col[u], col[8 + u], col[16 + u], col[24 + u], col[32 + u], col[40 + u],
+                col[48 + u], col[56 + u]);
+    }
+    for (int y = 0; y < 8; y++) {
+        const int32_t *v = col + y * 8;
+        int32_t o[8];
+        IDCT_1D(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], COL_BIAS, 17,
+                o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]);
+        uint8_t *row = out + y * stride;
+        for (int x = 0; x < 8; x++) {
+            row[x] = clamp_u8(o[x]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ decode to planes */
+
+typedef struct {
+    uint8_t *planes[4];          /* padded planes to fill (mode PLANES) */
+    int16_t *coefs[4];           /* (rows, cols, 64) int16 (mode COEFS) */
+    uint16_t quant[4][64];
+} Output;
+
+enum { MODE_PLANES = 0, MODE_COEFS = 1 };
+
+/* Entropy-decode and fill the outputs. Runs without the GIL. */
+static int reader_decode(Reader *r, Output *out, int mode) {
+    if (setjmp(r->err.jump)) {
+        return -1;
+    }
+    jvirt_barray_ptr *arrays = jpeg_read_coefficients(&r->cinfo);
+    for (int c = 0; c < r->count; c++) {
+        jpeg_component_info *info = &r->cinfo.comp_info[c];
+        int slot = info->quant_tbl_no;
+        JQUANT_TBL *table = (slot >= 0 && slot < NUM_QUANT_TBLS) ? r->cinfo.quant_tbl_ptrs[slot]
+                                                                   : NULL;
+        if (table == NULL) {
+            snprintf(r->err.message, sizeof(r->err.message),
+                     "JPEG component %d has no quantisation table", c);
+            return -1;
+        }
+        memcpy(out->quant[c], table->quantval, sizeof(out->quant[c]));
+        const Geometry *g = &r->comp[c];
+        for (int by = 0; by < g->rows; by++) {
+            JBLOCKARRAY row = (*r->cinfo.mem->access_virt_barray)(
+                (j_common_ptr)&r->cinfo, arrays[c], (JDIMENSION)by, 1, FALSE);
+            if (mode == MODE_COEFS) {
+                memcpy(out->coefs[c] + (size_t)by * g->cols * 64, row[0],
+                       (size_t)g->cols * sizeof(JBLOCK));
+                continue;
+            }
+            uint8_t *plane = out->planes[c];
+            for (int bx = 0; bx < g->cols; bx++) {
+                idct_block(row[0][bx], out->quant[c],
+                           plane + (size_t)by * 8 * g->plane_cols + (size_t)bx * 8,
+                           g->plane_cols);
+            }
+        }
+        if (mode == MODE_PLANES) {
+            /* edge replication out to whole MCUs (numpy's pad mode="edge") */
+            uint8_t *plane = out->planes[c];
+            size_t coded_cols = (size_t)g->cols * 8, coded_rows = (size_t)g->rows * 8;
+            for (size_t y = 0; y < coded_rows && coded_cols < g->plane_cols; y++) {
+                uint8_t *line = plane + y * g->plane_cols;
+                memset(line + coded_cols, line[coded_cols - 1], g->plane_cols - coded_cols);
+            }
+            for (size_t y = coded_rows; y < g->plane_rows; y++) {
+                memcpy(plane + y * g->plane_cols, plane + (coded_rows - 1) * g->plane_cols,
+                       g->plane_cols);
+            }
+        }
+    }
+    return 0; /* jpeg_read_coefficients read up to EOI; destroy releases everything */
+}
+
+static PyObject *raise_reader(Reader *r) {
+    PyErr_SetString(DecodeError, r->err.message[0] ? r->err.message : "libjpeg failed");
+    return NULL;
+}
+
+/* decode_planes(data, max_memory) -> (width, height, [(h, v, rows, cols, bytearray)], corrupt) */
+static PyObject *decode_planes(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    long long max_memory;
+    int mode = MODE_PLANES;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*L|i", &data, &max_memory, &mode)) {
+        return NULL;
+    }
+    Reader *r = PyMem_Calloc(1, sizeof(Reader));
+    Output *out = PyMem_Calloc(1, sizeof(Output));
+    PyObject *buffers[4] = {NULL, NULL, NULL, NULL};
+    PyObject *result = NULL;
+    if (r == NULL || out == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = reader_open(r, data.buf, (size_t)data.len, (long)max_memory);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        raise_reader(r);
+        goto done;
+    }
+    size_t needed = coefficient_bytes(r);
+    for (int c = 0; c < r->count; c++) {
+        const Geometry *g = &r->comp[c];
+        needed += mode == MODE_PLANES ? g->plane_rows * g->plane_cols
+                                      : (size_t)g->rows * g->cols * 128;
+    }
+    if (needed > (size_t)max_memory) {
+        PyErr_Format(MemoryLimit, "decoding needs %zu MB, limit %lld MB", needed >> 20,
+                     max_memory >> 20);
+        goto done;
+    }
+    for (int c = 0; c < r->count; c++) {
+        const Geometry *g = &r->comp[c];
+        size_t bytes = mode == MODE_PLANES ? g->plane_rows * g->plane_cols
+                                           : (size_t)g->rows * g->cols * 128;
+        buffers[c] = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)bytes);
+        if (buffers[c] == NULL) {
+            goto done;
+        }
+        if (mode == MODE_PLANES) {
+            out->planes[c] = (uint8_t *)PyByteArray_AS_STRING(buffers[c]);
+        } else {
+            out->coefs[c] = (int16_t *)PyByteArray_AS_STRING(buffers[c]);
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = reader_decode(r, out, mode);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        raise_reader(r);
+        goto done;
+    }
+    PyObject *list = PyList_New(r->count);
+    if (list == NULL) {
+        goto done;
+    }
+    for (int c = 0; c < r->count; c++) {
+        const Geometry *g = &r->comp[c];
+        PyObject *quant = PyBytes_FromStringAndSize((const char *)out->quant[c], 128);
+        PyObject *item = quant == NULL ? NULL
+            : mode == MODE_PLANES
+                ? Py_BuildValue("(iinnON)", g->h, g->v, (Py_ssize_t)g->plane_rows,
+                                (Py_ssize_t)g->plane_cols, buffers[c], quant)
+                : Py_BuildValue("(iiiiON)", g->h, g->v, g->rows, g->cols, buffers[c], quant);
+        if (item == NULL) {
+            Py_XDECREF(quant);
+            Py_DECREF(list);
+            goto done;
+        }
+        PyList_SET_ITEM(list, c, item);
+    }
+    result = Py_BuildValue("(iiNO)", r->width, r->height, list,
+                           r->err.corrupt ? Py_True : Py_False);
+done:
+    for (int c = 0; c < 4; c++) {
+        Py_XDECREF(buffers[c]);
+    }
+    if (r != NULL) {
+        Py_BEGIN_ALLOW_THREADS
+        reader_close(r);
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_Free(r);
+    PyMem_Free(out);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* ------------------------------------------------------------------ upsampling + colour */
+
+enum { MODEL_LUMA = 0, MODEL_YCBCR = 1, MODEL_RGB = 2, MODEL_CMYK = 3, MODEL_YCCK = 4 };
+enum { WANT_GRAY = 0, WANT_RGB = 1 };
+
+/* to_luma8 tables: (c as f32 * (1/255)) * k, the same f32 operations as image-rs. */
+static float luma_r[256], luma_g[256], luma_b[256];
+
+static float f32_from_bits(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+static void init_luma_tables(void) {
+    const float kr = f32_from_bits(0x3e59c05bu), kg = f32_from_bits(0x3f3715fcu),
+                kb = f32_from_bits(0x3d93cf75u);
+    volatile float scale = 1.0f / 255.0f;
+    for (int i = 0; i < 256; i++) {
+        float value = (float)i * scale;
+        luma_r[i] = value * kr;
+        luma_g[i] = value * kg;
+        luma_b[i] = value * kb;
+    }
+}
+
+static inline uint8_t luma8(int r, int g, int b) {
+    float total = (luma_r[r] + luma_g[g]) + luma_b[b];
+    total = total * 255.0f;
+    total = total + 0.5f; /* round half away from zero (total >= 0): truncation below */
+    int value = (int)total;
+    return (uint8_t)(value > 255 ? 255 : value);
+}
+
+typedef struct {
+    const uint8_t *plane;
+    size_t rows, cols;  /* padded plane size */
+    int rh, rv;         /* upsampling ratio (horizontal, vertical) */
+    int triangle;
+} Source;
+
+#define SCALAR_FALLBACK_BELOW 18
+
+/* Row y of the plane upsampled to `width` samples into out (uses tmp of 2*cols+2). */
+static void upsample_row(const Source *s, size_t y, size_t width, uint8_t *out, uint8_t *tmp) {
+    const uint8_t *row;
+    size_t n = s->cols;
+    if (s->rv == 1) {
+        row = s->plane + y * n;
+    } else if (s->triangle) {
+        size_t source = y >> 1, last = s->rows - 1;
+        size_t near = source;
+        size_t far = (y & 1) ? (source + 1 < last ? source + 1 : last)
+                             : (source > 0 ? source - 1 : 0);
+        const uint8_t *a = s->plane + near * n, *b = s->plane + far * n;
+        for (size_t x = 0; x < n; x++) {
+            tmp[x] = (uint8_t)((3 * a[x] + b[x] + 2) >> 2);
+        }
+        row = tmp;
+    } else {
+        size_t source = y / (size_t)s->rv;
+        if (source >= s->rows) {
+            source = s->rows - 1;
+        }
+        row = s->plane + source * n;
+    }
+    if (s->rh == 1) {
+        memcpy(out, row, width);
+        return;
+    }
+    if (!s->triangle) {
+        for (size_t x = 0; x < width; x++) {
+            size_t source = x / (size_t)s->rh;
+            out[x] = row[source < n ? source : n - 1];
+        }
+        return;
+    }
+    /* out[0] = r[0]; out[2i] = (3 r[i] + r[i-1] + 2) >> 2; out[2i+1] = (3 r[i] + r[i+1] + 2) >> 2;
+       out[2n-1] = r[n-1]; rows under 18 samples: zune's scalar fallback quirk at 2n-2. */
+    uint8_t *wide = tmp + n;
+    wide[0] = row[0];
+    for (size_t i = 1; i < n; i++) {
+        wide[2 * i] = (uint8_t)((3 * row[i] + row[i - 1] + 2) >> 2);
+    }
+    for (size_t i = 0; i + 1 < n; i++) {
+        wide[2 * i + 1] = (uint8_t)((3 * row[i] + row[i + 1] + 2) >> 2);
+    }
+    wide[2 * n - 1] = row[n - 1];
+    if (n < SCALAR_FALLBACK_BELOW && n >= 2) {
+        wide[2 * n - 2] = (uint8_t)((3 * row[n - 2] + row[n - 1] + 2) >> 2);
+    }
+    memcpy(out, wide, width);
+}
+
+static inline uint8_t blinn(int a, int k) {
+    int t = a * k + 128;
+    return (uint8_t)((t + (t >> 8)) >> 8);
+}
+
+static inline void ycbcr(int y, int cb, int cr, uint8_t *rgb) {
+    int r = y + ((8191 + (cr - 128) * 22970) >> 14);
+    int g = y + ((8191 + (cb - 128) * -5638 + (cr - 128) * -11700) >> 14);
+    int b = y + ((8191 + (cb - 128) * 29032) >> 14);
+    rgb[0] = clamp_u8(r);
+    rgb[1] = clamp_u8(g);
+    rgb[2] = clamp_u8(b);
+}
+
+/* Assemble rows [0, height) into out (gray: width bytes a row; rgb: 3 * width). */
+static int assemble_rows(const Source *src, int count, int model, int want, size_t width,
+                         size_t height, uint8_t *out) {
+    size_t widest = 0;
+    for (int c = 0; c < count; c++) {
+        widest = src[c].cols > widest ? src[c].cols : widest;
+    }
+    size_t row_len = width > 2 * widest ? width : 2 * widest;
+    uint8_t *scratch = malloc((size_t)count * row_len + 4 * widest + 16);
+    if (scratch == NULL) {
+        return -1;
+    }
+    uint8_t *lines[4];
+    for (int c = 0; c < count; c++) {
+        lines[c] = scratch + (size_t)c * row_len;
+    }
+    uint8_t *tmp = scratch + (size_t)count * row_len;
+    for (size_t y = 0; y < height; y++) {
+        for (int c = 0; c < count; c++) {
+            upsample_row(&src[c], y, width, lines[c], tmp);
+        }
+        uint8_t *dst = out + y * width * (want == WANT_RGB ? 3 : 1);
+        const uint8_t *l0 = lines[0], *l1 = count > 1 ? lines[1] : NULL,
+                      *l2 = count > 2 ? lines[2] : NULL, *l3 = count > 3 ? lines[3] : NULL;
+        for (size_t x = 0; x < width; x++) {
+            uint8_t rgb[3];
+            switch (model) {
+            case MODEL_LUMA:
+                if (want == WANT_GRAY) {
+                    dst[x] = l0[x];
+                    continue;
+                }
+                rgb[0] = rgb[1] = rgb[2] = l0[x];
+                break;
+            case MODEL_RGB:
+                rgb[0] = l0[x];
+                rgb[1] = l1[x];
+                rgb[2] = l2[x];
+                break;
+            case MODEL_CMYK:
+                rgb[0] = blinn(l0[x], l3[x]);
+                rgb[1] = blinn(l1[x], l3[x]);
+                rgb[2] = blinn(l2[x], l3[x]);
+                break;
+            case MODEL_YCCK:
+                ycbcr(l0[x], l1[x], l2[x], rgb);
+                rgb[0] = blinn(255 - rgb[0], l3[x]);
+                rgb[1] = blinn(255 - rgb[1], l3[x]);
+                rgb[2] = blinn(255 - rgb[2], l3[x]);
+                break;
+            default:
+                ycbcr(l0[x], l1[x], l2[x], rgb);
+                break;
+            }
+            if (want == WANT_GRAY) {
+                dst[x] = luma8(rgb[0], rgb[1], rgb[2]);
+            } else {
+                memcpy(dst + 3 * x, rgb, 3);
+            }
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* assemble(planes: [(buffer, rows, cols, rh, rv)], width, height, model, want) -> bytearray */
+static PyObject *assemble(PyObject *self, PyObject *args) {
+    PyObject *planes;
+    Py_ssize_t width, height;
+    int model, want;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!nnii", &PyList_Type, &planes, &width, &height, &model,
+                          &want)) {
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(planes);
+    int expected = model == MODEL_LUMA ? 1 : (model == MODEL_CMYK || model == MODEL_YCCK) ? 4 : 3;
+    if (count != expected || width <= 0 || height <= 0 || (want != WANT_GRAY && want != WANT_RGB)) {
+        PyErr_SetString(PyExc_ValueError, "assemble: bad plane count, size or output kind");
+        return NULL;
+    }
+    Py_buffer views[4];
+    Source src[4];
+    int held = 0;
+    PyObject *result = NULL;
+    for (Py_ssize_t c = 0; c < count; c++) {
+        PyObject *item = PyList_GET_ITEM(planes, c);
+        PyObject *buffer;
+        Py_ssize_t rows, cols;
+        int rh, rv;
+        if (!PyArg_ParseTuple(item, "Onnii", &buffer, &rows, &cols, &rh, &rv)) {
+            goto done;
+        }
+        if (PyObject_GetBuffer(buffer, &views[c], PyBUF_C_CONTIGUOUS) != 0) {
+            goto done;
+        }
+        held++;
+        if (rows <= 0 || cols <= 0 || rh < 1 || rv < 1 || views[c].len != rows * cols
+            || (size_t)cols * rh < (size_t)width || (size_t)rows * rv < (size_t)height) {
+            PyErr_SetString(PyExc_ValueError, "assemble: plane smaller than the image");
+            goto done;
+        }
+        src[c].plane = views[c].buf;
+        src[c].rows = (size_t)rows;
+        src[c].cols = (size_t)cols;
+        src[c].rh = rh;
+        src[c].rv = rv;
+        src[c].triangle = (rh == 2 && rv == 1) || (rh == 1 && rv == 2) || (rh == 2 && rv == 2);
+    }
+    size_t bytes = (size_t)width * (size_t)height * (want == WANT_RGB ? 3 : 1);
+    result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)bytes);
+    if (result == NULL) {
+        goto done;
+    }
+    uint8_t *out = (uint8_t *)PyByteArray_AS_STRING(result);
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = assemble_rows(src, (int)count, model, want, (size_t)width, (size_t)height, out);
+    Py_END_ALLOW_THREADS
+    if (status != 0) {
+        Py_CLEAR(result);
+        PyErr_NoMemory();
+    }
+done:
+    for (int c = 0; c < held; c++) {
+        PyBuffer_Release(&views[c]);
+    }
+    return result;
+}
+
+/* luma(rgb buffer (n*3 bytes)) -> bytearray of n: to_luma8 of 8-bit RGB. */
+static PyObject *luma(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*", &view)) {
+        return NULL;
+    }
+    if (view.len % 3) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "luma: length is not a multiple of 3");
+        return NULL;
+    }
+    Py_ssize_t n = view.len / 3;
+    PyObject *result = PyByteArray_FromStringAndSize(NULL, n);
+    if (result != NULL) {
+        const uint8_t *rgb = view.buf;
+        uint8_t *out = (uint8_t *)PyByteArray_AS_STRING(result);
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            out[i] = luma8(rgb[3 * i], rgb[3 * i + 1], rgb[3 * i + 2]);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* ------------------------------------------------------------------ Lanczos3 resize */
+
+static const float PI_F32 = 3.14159265358979323846f;
+
+static float sinc(float t) {
+    if (t == 0.0f) {
+        return 1.0f;
+    }
+    float a = t * PI_F32;
+    return sinf(a) / a;
+}
+
+static float lanczos3(float x) {
+    if (fabsf(x) < 3.0f) {
+        return sinc(x) * sinc(x / 3.0f);
+    }
+    return 0.0f;
+}
+
+typedef struct {
+    size_t left, count;
+    float *weights; /* count normalised weights */
+} Taps;
+
+/* image-rs sample.rs weights of each output position; one malloc'd block, or NULL. */
+static float *make_taps(size_t n, size_t out, Taps *taps) {
+    float ratio = (float)n / (float)out;
+    float sratio = ratio < 1.0f ? 1.0f : ratio;
+    float support = 3.0f * sratio;
+    size_t total = 0;
+    for (size_t o = 0; o < out; o++) {
+        float centre = ((float)o + 0.5f) * ratio;
+        double lo = floor((double)(centre - support)), hi = ceil((double)(centre + support));
+        long long left = (long long)lo, right = (long long)hi;
+        if (left < 0) left = 0;
+        if (left > (long long)n - 1) left = (long long)n - 1;
+        if (right < left + 1) right = left + 1;
+        if (right > (long long)n) right = (long long)n;
+        taps[o].left = (size_t)left;
+        taps[o].count = (size_t)(right - left);
+        total += taps[o].count;
+    }
+    float *block = malloc(total * sizeof(float) + 1);
+    if (block == NULL) {
+        return NULL;
+    }
+    float *next = block;
+    for (size_t o = 0; o < out; o++) {
+        float centre = ((float)o + 0.5f) * ratio - 0.5f;
+        float sum = 0.0f;
+        taps[o].weights = next;
+        for (size_t i = 0; i < taps[o].count; i++) {
+            float w = lanczos3(((float)(taps[o].left + i) - centre) / sratio);
+            next[i] = w;
+            sum += w;
+        }
+        for (size_t i = 0; i < taps[o].count; i++) {
+            next[i] /= sum;
+        }
+        next += taps[o].count;
+    }
+    return block;
+}
+
+/* imageops::resize(gray, out_w, out_h, Lanczos3): vertical pass into f32, then horizontal. */
+static int resize_u8(const uint8_t *src, size_t w, size_t h, size_t out_w, size_t out_h,
+                     uint8_t *dst) {
+    if (w == out_w && h == out_h) {
+        memcpy(dst, src, w * h);
+        return 0;
+    }
+    int status = -1;
+    Taps *vt = malloc(out_h * sizeof(Taps)), *ht = malloc(out_w * sizeof(Taps));
+    float *vw = NULL, *hw = NULL, *mid = malloc(out_h * w * sizeof(float));
+    if (vt == NULL || ht == NULL || mid == NULL) goto done;
+    vw = make_taps(h, out_h, vt);
+    hw = make_taps(w, out_w, ht);
+    if (vw == NULL || hw == NULL) goto done;
+    for (size_t o = 0; o < out_h; o++) {
+        float *acc = mid + o * w;
+        for (size_t x = 0; x < w; x++) acc[x] = 0.0f;
+        for (size_t i = 0; i < vt[o].count; i++) {
+            const uint8_t *row = src + (vt[o].left + i) * w;
+            float weight = vt[o].weights[i];
+            for (size_t x = 0; x < w; x++) {
+                acc[x] = acc[x] + (float)row[x] * weight;
+            }
+        }
+    }
+    for (size_t y = 0; y < out_h; y++) {
+        const float *row = mid + y * w;
+        for (size_t o = 0; o < out_w; o++) {
+            float t = 0.0f;
+            const float *weights = ht[o].weights;
+            const float *values = row + ht[o].left;
+            for (size_t i = 0; i < ht[o].count; i++) {
+                t = t + values[i] * weights[i];
+            }
+            t = t < 0.0f ? 0.0f : (t > 255.0f ? 255.0f : t);
+            dst[y * out_w + o] = (uint8_t)roundf(t);
+        }
+    }
+    status = 0;
+done:
+    free(vt);
+    free(ht);
+    free(vw);
+    free(hw);
+    free(mid);
+    return status;
+}
+
+static int gray_view(PyObject *args, Py_buffer *view, Py_ssize_t *w, Py_ssize_t *h,
+                     Py_ssize_t *ow, Py_ssize_t *oh, int sized) {
+    int ok = sized ? PyArg_ParseTuple(args, "y*nnnn", view, w, h, ow, oh)
+                   : PyArg_ParseTuple(args, "y*nn", view, w, h);
+    if (!ok) {
+        return -1;
+    }
+    if (*w <= 0 || *h <= 0 || view->len != *w * *h || (sized && (*ow <= 0 || *oh <= 0))) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "need a non-empty width x height gray buffer");
+        return -1;
+    }
+    return 0;
+}
+
+/* resize_gray(buffer, width, height, out_width, out_height) -> bytearray */
+static PyObject *resize_gray(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t w, h, ow, oh;
+    (void)self;
+    if (gray_view(args, &view, &w, &h, &ow, &oh, 1) != 0) {
+        return NULL;
+    }
+    PyObject *result = PyByteArray_FromStringAndSize(NULL, ow * oh);
+    if (result != NULL) {
+        int status;
+        uint8_t *out = (uint8_t *)PyByteArray_AS_STRING(result);
+        Py_BEGIN_ALLOW_THREADS
+        status = resize_u8(view.buf, (size_t)w, (size_t)h, (size_t)ow, (size_t)oh, out);
+        Py_END_ALLOW_THREADS
+        if (status != 0) {
+            Py_CLEAR(result);
+            PyErr_NoMemory();
+        }
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* mean_hash(buffer, width, height) -> int: image_hasher Mean 8x8, LsbFirst, as an int. */
+static PyObject *mean_hash(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t w, h;
+    uint8_t small[64];
+    int status;
+    (void)self;
+    if (gray_view(args, &view, &w, &h, NULL, NULL, 0) != 0) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = resize_u8(view.buf, (size_t)w, (size_t)h, 8, 8, small);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    if (status != 0) {
+        return PyErr_NoMemory();
+    }
+    unsigned sum = 0;
+    for (int i = 0; i < 64; i++) sum += small[i];
+    unsigned mean = sum / 64;
+    unsigned long long value = 0;
+    for (int row = 0; row < 8; row++) {
+        unsigned byte = 0;
+        for (int col = 0; col < 8; col++) {
+            byte |= (unsigned)(small[row * 8 + col] >= mean) << col;
+        }
+        value = (value << 8) | byte;
+    }
+    return PyLong_FromUnsignedLongLong(value);
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+    {"decode_planes", decode_planes, METH_VARARGS,
+     "decode_planes(data, max_memory, mode=0) -> (width, height, components, corrupt)"},
+    {"assemble", assemble, METH_VARARGS,
+     "assemble(planes, width, height, model, want) -> bytearray"},
+    {"luma", luma, METH_VARARGS, "luma(rgb) -> bytearray: image-rs to_luma8 of RGB8"},
+    {"resize_gray", resize_gray, METH_VARARGS,
+     "resize_gray(gray, width, height, out_width, out_height) -> bytearray"},
+    {"mean_hash", mean_hash, METH_VARARGS, "mean_hash(gray, width, height) -> int"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "hashcore", "The compiled hashing core (see hashcore.c).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit_hashcore(void) {
+    init_luma_tables();
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) {
+        return NULL;
+    }
+    DecodeError = PyErr_NewException("phash_trio.image.hashcore.JpegLibError", NULL, NULL);
+    MemoryLimit = PyErr_NewException("phash_trio.image.hashcore.MemoryLimitError", NULL, NULL);
+    if (DecodeError == NULL || MemoryLimit == NULL
+        || PyModule_AddObjectRef(m, "JpegLibError", DecodeError) < 0
+        || PyModule_AddObjectRef(m, "MemoryLimitError", MemoryLimit) < 0
+        || PyModule_AddIntConstant(m, "MODEL_LUMA", MODEL_LUMA) < 0
+        || PyModule_AddIntConstant(m, "MODEL_YCBCR", MODEL_YCBCR) < 0
+        || PyModule_AddIntConstant(m, "MODEL_RGB", MODEL_RGB) < 0
+        || PyModule_AddIntConstant(m, "MODEL_CMYK", MODEL_CMYK) < 0
+        || PyModule_AddIntConstant(m, "MODEL_YCCK", MODEL_YCCK) < 0
+        || PyModule_AddIntConstant(m, "WANT_GRAY", WANT_GRAY) < 0
+        || PyModule_AddIntConstant(m, "WANT_RGB", WANT_RGB) < 0
+        || PyModule_AddIntConstant(m, "MODE_PLANES", MODE_PLANES) < 0
+        || PyModule_AddIntConstant(m, "MODE_COEFS", MODE_COEFS) < 0
+#ifdef LIBJPEG_TURBO_VERSION_NUMBER
+        || PyModule_AddIntConstant(m, "LIBJPEG_TURBO_VERSION_NUMBER",
+                                   LIBJPEG_TURBO_VERSION_NUMBER) < 0
+#endif
+        || PyModule_AddIntConstant(m, "JPEG_LIB_VERSION", JPEG_LIB_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
