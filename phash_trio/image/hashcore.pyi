@@ -1,0 +1,35 @@
+"""Type stub of the compiled core (phash_trio/image/hashcore.c)."""
+
+from collections.abc import Buffer
+
+class JpegLibError(Exception): ...
+class MemoryLimitError(Exception): ...
+
+MODEL_LUMA: int
+MODEL_YCBCR: int
+MODEL_RGB: int
+MODEL_CMYK: int
+MODEL_YCCK: int
+WANT_GRAY: int
+WANT_RGB: int
+MODE_PLANES: int
+MODE_COEFS: int
+JPEG_LIB_VERSION: int
+LIBJPEG_TURBO_VERSION_NUMBER: int
+
+def decode_planes(
+    data: Buffer, max_memory: int, mode: int = ..., /
+) -> tuple[int, int, list[tuple[int, int, int, int, bytearray, bytes]], bool]: ...
+def assemble(
+    planes: list[tuple[Buffer, int, int, int, int]],
+    width: int,
+    height: int,
+    model: int,
+    want: int,
+    /,
+) -> bytearray: ...
+def luma(rgb: Buffer, /) -> bytearray: ...
+def resize_gray(
+    gray: Buffer, width: int, height: int, out_width: int, out_height: int, /
+) -> bytearray: ...
+def mean_hash(gray: Buffer, width: int, height: int, /) -> int: ...
