@@ -1,10 +1,13 @@
 /*
  * phash_trio.image.hashcore: the compiled hashing core.
  *
- * JPEG: libjpeg-turbo's public API reads the quantised coefficients (jpeg_mem_src, a setjmp/
- * longjmp error_exit, an emit_message hook that records "Corrupt JPEG data" warnings, one
- * decompress object per call); then zune-jpeg 0.5's pixel stages are redone here bit for bit:
- * stb_image's integer IDCT, triangle chroma upsampling, 14-bit YCbCr->RGB, CMYK/YCCK.
+ * JPEG: single-scan baseline images are entropy-decoded by a port of zune-jpeg 0.5.15's own
+ * Huffman decoder (exact on damaged data too: it stops where zune stops). Everything else
+ * (progressive, multi-scan) goes through libjpeg-turbo's public API (jpeg_mem_src, a setjmp/
+ * longjmp error_exit, an emit_message hook that records "Corrupt JPEG data" warnings instead
+ * of printing them, one decompress object per call, jpeg_read_coefficients). Then zune-jpeg's
+ * pixel stages are redone bit for bit: stb_image's integer IDCT, triangle chroma upsampling,
+ * 14-bit YCbCr->RGB, CMYK/YCCK.
  * Gray: image-rs to_luma8 (f32 BT.709 as moxcms derives it, no FMA). Resize: image-rs
  * imageops::resize with Lanczos3, the same f32 operations in the same order. Mean hash.
  *
@@ -69,63 +72,6 @@ static void on_output_message(j_common_ptr cinfo) {
     (void)cinfo;  /* never write to stderr */
 }
 
-/*
- * In-memory source that hands libjpeg at most SOURCE_CHUNK bytes at a time. Not jpeg_mem_src:
- * with the whole input in its buffer, libjpeg-turbo takes its fast Huffman path
- * (decode_mcu_fast, used while >= 512 * blocks_in_MCU bytes are buffered), which turns an
- * undecodable code into 0 *without* the "Corrupt JPEG data: bad Huffman code" warning we
- * need to find where zune-jpeg stops. Below 512 bytes the checked path always runs.
- */
-#define SOURCE_CHUNK 508
-
-typedef struct {
-    struct jpeg_source_mgr pub;
-    const JOCTET *data;
-    size_t size;
-    size_t given; /* bytes handed over so far */
-} ChunkSource;
-
-static const JOCTET fake_eoi[2] = {0xFF, JPEG_EOI};
-
-static void source_init(j_decompress_ptr cinfo) {
-    (void)cinfo;
-}
-
-static boolean source_fill(j_decompress_ptr cinfo) {
-    ChunkSource *src = (ChunkSource *)cinfo->src;
-    if (src->given < src->size) {
-        size_t n = src->size - src->given;
-        n = n < SOURCE_CHUNK ? n : SOURCE_CHUNK;
-        src->pub.next_input_byte = src->data + src->given;
-        src->pub.bytes_in_buffer = n;
-        src->given += n;
-    } else {
-        WARNMS(cinfo, JWRN_JPEG_EOF); /* as jpeg_mem_src: pretend an EOI follows */
-        src->pub.next_input_byte = fake_eoi;
-        src->pub.bytes_in_buffer = 2;
-    }
-    return TRUE;
-}
-
-static void source_skip(j_decompress_ptr cinfo, long count) {
-    ChunkSource *src = (ChunkSource *)cinfo->src;
-    if (count <= 0) {
-        return;
-    }
-    if ((size_t)count <= src->pub.bytes_in_buffer) {
-        src->pub.next_input_byte += count;
-        src->pub.bytes_in_buffer -= (size_t)count;
-        return;
-    }
-    size_t at = src->given - src->pub.bytes_in_buffer + (size_t)count;
-    src->given = at < src->size ? at : src->size;
-    src->pub.bytes_in_buffer = 0;
-}
-
-static void source_term(j_decompress_ptr cinfo) {
-    (void)cinfo;
-}
-
 typedef struct {
     int h, v;                    /* sampling factors */
     int rows, cols;              /* coded blocks libjpeg keeps (height/width_in_blocks) */
@@ -135,7 +81,6 @@ typedef struct {
 typedef struct {
     struct jpeg_decompress_struct cinfo;
     ErrorManager err;
-    ChunkSource source;
     int created;
     int count;
     int width, height, max_h, max_v;
@@ -155,14 +100,7 @@ static int reader_open(Reader *r, const unsigned char *data, size_t size, long m
     jpeg_create_decompress(&r->cinfo);
     r->created = 1;
     r->cinfo.mem->max_memory_to_use = max_memory;
-    r->source.pub.init_source = source_init;
-    r->source.pub.fill_input_buffer = source_fill;
-    r->source.pub.skip_input_data = source_skip;
-    r->source.pub.resync_to_restart = jpeg_resync_to_restart;
-    r->source.pub.term_source = source_term;
-    r->source.data = data;
-    r->source.size = size;
-    r->cinfo.src = &r->source.pub;
+    jpeg_mem_src(&r->cinfo, data, (unsigned long)size);
     if (jpeg_read_header(&r->cinfo, TRUE) != JPEG_HEADER_OK) {
         snprintf(r->err.message, sizeof(r->err.message), "no image in the JPEG data");
         return -1;
@@ -255,13 +193,11 @@ static inline uint8_t clamp_u8(int32_t v) {
     return (uint8_t)(v < 0 ? 0 : (v > 255 ? 255 : v));
 }
 
-/* Dequantise one block (natural order) and write its 8x8 pixels at out (row stride). */
-static void idct_block(const JCOEF *coef, const UINT16 *quant, uint8_t *out, size_t stride) {
-    int32_t d[64];
+/* zune's IDCT of one dequantised block (natural order) into 8x8 pixels at out (row stride). */
+static void idct_dequantised(const int32_t *d, uint8_t *out, size_t stride) {
     int ac = 0;
-    for (int i = 0; i < 64; i++) {
-        d[i] = (int32_t)coef[i] * (int32_t)quant[i];
-        ac |= (i > 0) & (coef[i] != 0);
+    for (int i = 1; i < 64; i++) {
+        ac |= d[i] != 0;
     }
     if (!ac) {
         uint8_t value = clamp_u8((d[0] + 4 + 1024) >> 3);
@@ -287,6 +223,15 @@ static void idct_block(const JCOEF *coef, const UINT16 *quant, uint8_t *out, siz
             row[x] = clamp_u8(o[x]);
         }
     }
+}
+
+/* libjpeg's quantised block (natural order) through zune's IDCT. */
+static void idct_block(const JCOEF *coef, const UINT16 *quant, uint8_t *out, size_t stride) {
+    int32_t d[64];
+    for (int i = 0; i < 64; i++) {
+        d[i] = (int32_t)coef[i] * (int32_t)quant[i];
+    }
+    idct_dequantised(d, out, stride);
 }
 
 /* ------------------------------------------------------------------ decode to planes */
@@ -443,6 +388,617 @@ done:
     }
     PyMem_Free(r);
     PyMem_Free(out);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* ------------------------------------------------------------------ zune's baseline decoder */
+/*
+ * Single-scan baseline JPEGs (the usual photo) are entropy-decoded here exactly as zune-jpeg
+ * 0.5.15 does it (bitstream.rs, mcu.rs, huffman.rs): its bit reader (32-bit refills, zero
+ * bits after a marker), its 9-bit lookup with the fast AC table, its restart handling (skip
+ * to the next marker, restart on any RSTn) and, above all, its stop on a bad Huffman code:
+ * the decode ends there and the caller redoes zune's buffers (decoder.keep_stale_blocks).
+ * libjpeg instead substitutes zero and goes on, so it cannot tell where zune stopped.
+ * Anything outside this model (progressive, several scans, scan components not in frame
+ * order, a marker other than RSTn/EOI in the data, a premature end) returns None and the
+ * caller uses libjpeg. jpeg/zune_walk.py is the same model in Python (the tests' oracle).
+ * Work is bounded by the image size: at most 64 symbols a block.
+ */
+#define LOOK 9
+#define LOOK_MASK ((1 << LOOK) - 1)
+#define SLOW_ENTRY ((LOOK + 1) << LOOK)
+
+static const uint8_t UN_ZIGZAG[64] = {
+    0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,
+    12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,  7,  14, 21, 28,
+    35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51,
+    58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+};
+
+typedef struct {
+    int defined;
+    int32_t maxcode[18];
+    int32_t offset[18];
+    uint8_t values[256];
+    int32_t lookup[1 << LOOK];
+    int16_t fast_ac[1 << LOOK];
+} Huffman;
+
+/* huffman.rs HuffmanTable::make_derived_table; -1 for a bogus table (zune refuses it too). */
+static int huffman_build(Huffman *t, const uint8_t *counts, const uint8_t *symbols, int n,
+                         int is_dc) {
+    uint8_t sizes[257];
+    uint32_t codes[257];
+    int p = 0;
+    memset(t, 0, sizeof(*t));
+    memcpy(t->values, symbols, (size_t)n);
+    for (int l = 1; l <= 16; l++) {
+        for (int i = 0; i < counts[l - 1]; i++) {
+            sizes[p++] = (uint8_t)l;
+        }
+    }
+    sizes[p] = 0;
+    uint32_t code = 0;
+    int si = sizes[0];
+    p = 0;
+    while (sizes[p] != 0) {
+        while (sizes[p] == si) {
+            codes[p++] = code++;
+        }
+        t->maxcode[si] = (int32_t)(code << (16 - si));
+        if (code >= (1u << si)) {
+            return -1;
+        }
+        code <<= 1;
+        si++;
+    }
+    p = 0;
+    for (int l = 0; l <= 16; l++) {
+        if (l == 0 || counts[l - 1] == 0) {
+            t->maxcode[l] = -1;
+        } else {
+            t->offset[l] = p - (int32_t)codes[p];
+            p += counts[l - 1];
+        }
+    }
+    t->offset[17] = 0;
+    t->maxcode[17] = 0xFFFFF;
+    for (int i = 0; i < (1 << LOOK); i++) {
+        t->lookup[i] = SLOW_ENTRY;
+    }
+    p = 0;
+    for (int l = 1; l <= LOOK; l++) {
+        for (int i = 0; i < counts[l - 1]; i++, p++) {
+            int look = (int)(codes[p] << (LOOK - l));
+            for (int j = 0; j < (1 << (LOOK - l)); j++) {
+                t->lookup[look + j] = (l << LOOK) | t->values[p];
+            }
+        }
+    }
+    if (!is_dc) {
+        for (int i = 0; i < (1 << LOOK); i++) {
+            int entry = t->lookup[i];
+            int len = entry >> LOOK, rs = entry & LOOK_MASK;
+            int run = (rs >> 4) & 15, mag = rs & 15;
+            if (len <= LOOK && mag != 0 && len + mag <= LOOK) {
+                int k = ((i << len) & LOOK_MASK) >> (LOOK - mag);
+                if (k < (1 << (mag - 1))) {
+                    k += (-1 * (1 << mag)) + 1;
+                }
+                if (k >= -128 && k <= 127) {
+                    t->fast_ac[i] = (int16_t)(k * 256 + (run << 4) + (len + mag));
+                }
+            }
+        }
+    }
+    t->defined = 1;
+    return 0;
+}
+
+typedef struct {
+    const uint8_t *data;
+    size_t size, pos, overread;
+    uint64_t acc; /* the low `bits` bits are valid */
+    int bits;
+    int marker;   /* -1: none */
+    int eoi;
+} Bits;
+
+enum { BITS_OK = 0, BITS_STOP = 1 };
+
+static inline int next_byte(Bits *b) {
+    b->pos++;
+    if (b->pos <= b->size) {
+        return b->data[b->pos - 1];
+    }
+    b->overread++;
+    return 0;
+}
+
+static int bits_refill(Bits *b) {
+    if (b->bits >= 32) {
+        return BITS_OK;
+    }
+    if (b->marker >= 0 || b->eoi) {
+        b->acc <<= 32;
+        b->bits += 32;
+        return BITS_OK;
+    }
+    if (b->overread > 0) {
+        return b->bits == 0 ? BITS_STOP : BITS_OK;
+    }
+    if (b->pos + 4 <= b->size) {
+        const uint8_t *c = b->data + b->pos;
+        if (c[0] != 0xFF && c[1] != 0xFF && c[2] != 0xFF && c[3] != 0xFF) {
+            b->acc = (b->acc << 32) | ((uint64_t)c[0] << 24) | ((uint64_t)c[1] << 16)
+                     | ((uint64_t)c[2] << 8) | c[3];
+            b->bits += 32;
+            b->pos += 4;
+            return BITS_OK;
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        int byte = next_byte(b);
+        if (byte == 0xFF) {
+            int following = next_byte(b);
+            while (following == 0xFF) {
+                following = next_byte(b);
+            }
+            if (following != 0) {
+                b->marker = following;
+                if (following == 0xD9) {
+                    b->acc <<= 8;
+                    b->bits += 8;
+                }
+                return BITS_OK;
+            }
+        }
+        b->acc = (b->acc << 8) | (uint64_t)byte;
+        b->bits += 8;
+    }
+    return BITS_OK;
+}
+
+static inline uint32_t bits_peek(const Bits *b, int n) {
+    uint64_t v = b->bits >= n ? b->acc >> (b->bits - n) : b->acc << (n - b->bits);
+    return (uint32_t)(v & ((1ull << n) - 1));
+}
+
+static inline void bits_drop(Bits *b, int n) {
+    if (n >= b->bits) {
+        b->acc = 0;
+        b->bits = 0;
+    } else {
+        b->bits -= n;
+        b->acc &= (1ull << b->bits) - 1;
+    }
+}
+
+/* decode_huff!: the symbol, or -1 where zune returns an error. */
+static inline int bits_symbol(Bits *b, const Huffman *t, int32_t entry) {
+    int length = entry >> LOOK;
+    int value = entry & LOOK_MASK;
+    if (length > LOOK) {
+        int32_t code = (int32_t)bits_peek(b, 16);
+        while (length < 17 && code >= t->maxcode[length]) {
+            length++;
+        }
+        if (length == 17) {
+            return -1;
+        }
+        value = t->values[((code >> (16 - length)) + t->offset[length]) & 0xFF];
+    }
+    if (length > b->bits) {
+        return -1;
+    }
+    bits_drop(b, length);
+    return value;
+}
+
+static inline int32_t huff_extend(int32_t x, int s) {
+    return x + ((((x) - (1 << ((s)-1))) >> 31) & (((-1) * (1 << (s))) + 1));
+}
+
+/* bitstream.rs decode_mcu_block into `out` (dequantised, natural order); BITS_STOP on error. */
+static int decode_block(Bits *b, const Huffman *dc, const Huffman *ac, const int32_t *qt,
+                        int32_t *dc_pred, int32_t *out) {
+    memset(out, 0, 64 * sizeof(int32_t));
+    if (b->bits < 1 && b->marker >= 0) {
+        return BITS_STOP;
+    }
+    if (b->bits < 32 && bits_refill(b) != BITS_OK) {
+        return BITS_STOP;
+    }
+    int size = bits_symbol(b, dc, dc->lookup[bits_peek(b, LOOK)]);
+    if (size < 0) {
+        return BITS_STOP;
+    }
+    int32_t diff = 0;
+    if (size > 0 && size <= 16) {
+        diff = huff_extend((int32_t)bits_peek(b, size), size);
+        bits_drop(b, size);
+    } else if (size > 16) {
+        bits_drop(b, size); /* a bogus DC size: skip its bits, value undefined */
+    }
+    *dc_pred += diff;
+    out[0] = *dc_pred * qt[0];
+    int pos = 1;
+    while (pos < 64) {
+        if (bits_refill(b) != BITS_OK) {
+            return BITS_STOP;
+        }
+        uint32_t look = bits_peek(b, LOOK);
+        int fast = ac->fast_ac[look];
+        if (fast != 0) {
+            pos += (fast >> 4) & 15;
+            int t = UN_ZIGZAG[pos < 63 ? pos : 63];
+            out[t] = (int32_t)(fast >> 8) * qt[t];
+            bits_drop(b, fast & 15);
+            pos++;
+            continue;
+        }
+        int rs = bits_symbol(b, ac, ac->lookup[look]);
+        if (rs < 0) {
+            return BITS_STOP;
+        }
+        int run = rs >> 4, s = rs & 15;
+        if (s) {
+            pos += run;
+            int32_t value = huff_extend((int32_t)bits_peek(b, s), s);
+            bits_drop(b, s);
+            int t = UN_ZIGZAG[pos & 63];
+            out[t] = value * qt[t];
+            pos++;
+        } else if (run != 15) {
+            break;
+        } else {
+            pos += 16;
+        }
+    }
+    return BITS_OK;
+}
+
+/* zune's get_marker from the byte position: the next marker, or -1 at the end of data. */
+static int bits_next_marker(Bits *b) {
+    while (b->pos < b->size) {
+        if (b->data[b->pos++] != 0xFF) {
+            continue;
+        }
+        while (b->pos < b->size && b->data[b->pos] == 0xFF) {
+            b->pos++;
+        }
+        if (b->pos >= b->size) {
+            return -1;
+        }
+        int code = b->data[b->pos++];
+        if (code != 0) {
+            return code;
+        }
+    }
+    return -1;
+}
+
+typedef struct {
+    int width, height, count, max_h, max_v;
+    int ident[4], h[4], v[4], tq[4], td[4], ta[4];
+    int32_t quant[4][64]; /* natural order */
+    int quant_defined[4];
+    Huffman dc[4], ac[4];
+    int restart_interval;
+    size_t scan_start;
+    size_t mcu_cols, mcu_rows;
+    size_t plane_rows[4], plane_cols[4];
+} Baseline;
+
+enum { PARSE_OK = 0, PARSE_OUTSIDE = 1 };
+
+static inline int be16(const uint8_t *p) {
+    return (p[0] << 8) | p[1];
+}
+
+/* Read the rebuilt stream (SOI, tables, SOF, one SOS, data, EOI; checked by markers.py). */
+static int baseline_parse(Baseline *bl, const uint8_t *d, size_t n) {
+    static const uint8_t ZIGZAG_TO_NATURAL[64] = {
+        0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,
+        12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,  7,  14, 21, 28,
+        35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51,
+        58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+    };
+    size_t at = 2;
+    int have_frame = 0;
+    if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) {
+        return PARSE_OUTSIDE;
+    }
+    for (;;) {
+        if (at + 4 > n || d[at] != 0xFF) {
+            return PARSE_OUTSIDE;
+        }
+        int code = d[at + 1];
+        size_t length = (size_t)be16(d + at + 2);
+        if (length < 2 || at + 2 + length > n) {
+            return PARSE_OUTSIDE;
+        }
+        const uint8_t *body = d + at + 4;
+        size_t size = length - 2;
+        at += 2 + length;
+        if (code == 0xDB) {
+            size_t k = 0;
+            while (k < size) {
+                int precision = body[k] >> 4, slot = body[k] & 15;
+                size_t need = 1 + (precision ? 128 : 64);
+                if (slot > 3 || k + need > size) {
+                    return PARSE_OUTSIDE;
+                }
+                for (int i = 0; i < 64; i++) {
+                    int value = precision ? be16(body + k + 1 + 2 * i) : body[k + 1 + i];
+                    bl->quant[slot][ZIGZAG_TO_NATURAL[i]] = value;
+                }
+                bl->quant_defined[slot] = 1;
+                k += need;
+            }
+        } else if (code == 0xC4) {
+            size_t k = 0;
+            while (k + 17 <= size) {
+                int index = body[k];
+                const uint8_t *counts = body + k + 1;
+                int total = 0;
+                for (int i = 0; i < 16; i++) {
+                    total += counts[i];
+                }
+                if (total > 256 || k + 17 + (size_t)total > size || (index & 15) > 3) {
+                    return PARSE_OUTSIDE;
+                }
+                int is_dc = !(index & 0x10);
+                Huffman *t = is_dc ? &bl->dc[index & 3] : &bl->ac[index & 3];
+                if (huffman_build(t, counts, body + k + 17, total, is_dc) != 0) {
+                    return PARSE_OUTSIDE;
+                }
+                k += 17 + (size_t)total;
+            }
+        } else if (code == 0xDD) {
+            if (size != 2) {
+                return PARSE_OUTSIDE;
+            }
+            bl->restart_interval = be16(body);
+        } else if (code == 0xC0 || code == 0xC1) {
+            if (size < 6 || body[0] != 8) {
+                return PARSE_OUTSIDE;
+            }
+            bl->height = be16(body + 1);
+            bl->width = be16(body + 3);
+            bl->count = body[5];
+            if (bl->count < 1 || bl->count > 4 || size != 6 + 3 * (size_t)bl->count
+                || bl->width == 0 || bl->height == 0) {
+                return PARSE_OUTSIDE;
+            }
+            for (int c = 0; c < bl->count; c++) {
+                bl->ident[c] = body[6 + 3 * c];
+                bl->h[c] = body[7 + 3 * c] >> 4;
+                bl->v[c] = body[7 + 3 * c] & 15;
+                bl->tq[c] = body[8 + 3 * c];
+                if (bl->h[c] < 1 || bl->h[c] > 4 || bl->v[c] < 1 || bl->v[c] > 4 || bl->tq[c] > 3) {
+                    return PARSE_OUTSIDE;
+                }
+            }
+            have_frame = 1;
+        } else if (code == 0xDA) {
+            if (!have_frame || size < 1 || body[0] != bl->count
+                || size != 4 + 2 * (size_t)bl->count) {
+                return PARSE_OUTSIDE;
+            }
+            for (int c = 0; c < bl->count; c++) {
+                if (body[1 + 2 * c] != bl->ident[c]) {
+                    return PARSE_OUTSIDE;
+                }
+                bl->td[c] = body[2 + 2 * c] >> 4;
+                bl->ta[c] = body[2 + 2 * c] & 15;
+                if (bl->td[c] > 3 || bl->ta[c] > 3 || !bl->dc[bl->td[c]].defined
+                    || !bl->ac[bl->ta[c]].defined || !bl->quant_defined[bl->tq[c]]) {
+                    return PARSE_OUTSIDE;
+                }
+            }
+            bl->scan_start = at;
+            break;
+        } else {
+            return PARSE_OUTSIDE; /* progressive or anything else */
+        }
+    }
+    /* one scan only: its data must run to the final EOI */
+    for (size_t i = bl->scan_start; i + 1 < n; i++) {
+        if (d[i] == 0xFF) {
+            int next = d[i + 1];
+            if (next != 0 && next != 0xFF && !(next >= 0xD0 && next <= 0xD7)) {
+                if (i != n - 2 || next != 0xD9) {
+                    return PARSE_OUTSIDE;
+                }
+                break;
+            }
+        }
+    }
+    bl->max_h = bl->max_v = 1;
+    for (int c = 0; c < bl->count; c++) {
+        bl->max_h = bl->h[c] > bl->max_h ? bl->h[c] : bl->max_h;
+        bl->max_v = bl->v[c] > bl->max_v ? bl->v[c] : bl->max_v;
+    }
+    if (bl->count == 1) {
+        bl->mcu_cols = ((size_t)bl->width + 7) / 8;
+        bl->mcu_rows = ((size_t)bl->height + 7) / 8;
+        bl->plane_cols[0] = bl->mcu_cols * 8;
+        bl->plane_rows[0] = bl->mcu_rows * 8;
+    } else {
+        bl->mcu_cols = ((size_t)bl->width + 8 * bl->max_h - 1) / (8 * (size_t)bl->max_h);
+        bl->mcu_rows = ((size_t)bl->height + 8 * bl->max_v - 1) / (8 * (size_t)bl->max_v);
+        for (int c = 0; c < bl->count; c++) {
+            bl->plane_cols[c] = bl->mcu_cols * (size_t)bl->h[c] * 8;
+            bl->plane_rows[c] = bl->mcu_rows * (size_t)bl->v[c] * 8;
+        }
+    }
+    return PARSE_OK;
+}
+
+enum { RUN_DONE = 0, RUN_STOPPED = 1, RUN_OUTSIDE = 2, RUN_EXHAUSTED = 3 };
+
+typedef struct {
+    size_t row, col;
+    int block;
+} Stop;
+
+/* mcu.rs decode_mcu_ycbcr_baseline over the whole image, IDCT into the padded planes. */
+static int baseline_run(const Baseline *bl, const uint8_t *d, size_t n, uint8_t **planes,
+                        Stop *stop) {
+    Bits b = {.data = d, .size = n, .pos = bl->scan_start, .marker = -1};
+    int32_t dc_pred[4] = {0, 0, 0, 0};
+    int32_t block[64];
+    int interval = bl->restart_interval;
+    int todo = interval;
+    int single = bl->count == 1;
+    for (size_t row = 0; row < bl->mcu_rows; row++) {
+        if (b.overread > 0) {
+            return RUN_OUTSIDE; /* zune fills the rest with 128 here; libjpeg's view is kept */
+        }
+        for (size_t col = 0; col < bl->mcu_cols; col++) {
+            int index = 0;
+            for (int c = 0; c < bl->count; c++) {
+                int h = single ? 1 : bl->h[c], v = single ? 1 : bl->v[c];
+                size_t stride = bl->plane_cols[c];
+                for (int y = 0; y < v; y++) {
+                    for (int x = 0; x < h; x++, index++) {
+                        if (decode_block(&b, &bl->dc[bl->td[c]], &bl->ac[bl->ta[c]],
+                                         bl->quant[bl->tq[c]], &dc_pred[c], block)
+                            != BITS_OK) {
+                            stop->row = row;
+                            stop->col = col;
+                            stop->block = index;
+                            return RUN_STOPPED;
+                        }
+                        uint8_t *at = planes[c] + (row * (size_t)v * 8 + (size_t)y * 8) * stride
+                                      + (col * (size_t)h + (size_t)x) * 8;
+                        idct_dequantised(block, at, stride);
+                    }
+                }
+            }
+            if (interval) {
+                todo--;
+                if (todo == 0) {
+                    /* mcu_prog.rs handle_rst_main: an exhausted refill is zune's error */
+                    if (bits_refill(&b) != BITS_OK) {
+                        return RUN_EXHAUSTED;
+                    }
+                    if (b.marker < 0 && !b.eoi) {
+                        b.marker = bits_next_marker(&b);
+                    }
+                    if (b.marker >= 0xD0 && b.marker <= 0xD7) {
+                        b.acc = 0;
+                        b.bits = 0;
+                        b.marker = -1;
+                        b.overread = 0;
+                        dc_pred[0] = dc_pred[1] = dc_pred[2] = dc_pred[3] = 0;
+                    }
+                    todo = interval;
+                }
+            }
+        }
+        if (b.marker == 0xD9) {
+            b.marker = -1;
+            b.eoi = 1;
+        } else if (b.marker >= 0 && !(b.marker >= 0xD0 && b.marker <= 0xD7)) {
+            return RUN_OUTSIDE;
+        }
+    }
+    return RUN_DONE;
+}
+
+/* decode_baseline(data, max_memory) -> None (outside the model) or
+   (width, height, [(h, v, rows, cols, bytearray, b"")], stop: (row, col, block) | None) */
+static PyObject *decode_baseline(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    long long max_memory;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*L", &data, &max_memory)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    PyObject *buffers[4] = {NULL, NULL, NULL, NULL};
+    uint8_t *planes[4] = {NULL, NULL, NULL, NULL};
+    Baseline *bl = PyMem_Calloc(1, sizeof(Baseline));
+    if (bl == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = baseline_parse(bl, data.buf, (size_t)data.len);
+    Py_END_ALLOW_THREADS
+    if (status != PARSE_OK) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    size_t needed = 0;
+    for (int c = 0; c < bl->count; c++) {
+        needed += bl->plane_rows[c] * bl->plane_cols[c];
+    }
+    if (needed > (size_t)max_memory) {
+        PyErr_Format(MemoryLimit, "decoding needs %zu MB, limit %lld MB", needed >> 20,
+                     max_memory >> 20);
+        goto done;
+    }
+    for (int c = 0; c < bl->count; c++) {
+        buffers[c] = PyByteArray_FromStringAndSize(
+            NULL, (Py_ssize_t)(bl->plane_rows[c] * bl->plane_cols[c]));
+        if (buffers[c] == NULL) {
+            goto done;
+        }
+        planes[c] = (uint8_t *)PyByteArray_AS_STRING(buffers[c]);
+    }
+    Stop stop = {0, 0, 0};
+    Py_BEGIN_ALLOW_THREADS
+    status = baseline_run(bl, data.buf, (size_t)data.len, planes, &stop);
+    if (status == RUN_STOPPED) {
+        /* rows after the stopping MCU row are never decoded: zero, not stale memory */
+        for (int c = 0; c < bl->count; c++) {
+            size_t v = bl->count == 1 ? 1 : (size_t)bl->v[c];
+            size_t first = (stop.row + 1) * v * 8;
+            if (first < bl->plane_rows[c]) {
+                memset(planes[c] + first * bl->plane_cols[c], 0,
+                       (bl->plane_rows[c] - first) * bl->plane_cols[c]);
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (status == RUN_OUTSIDE) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (status == RUN_EXHAUSTED) {
+        PyErr_SetString(DecodeError, "Exhausted data in the image");
+        goto done;
+    }
+    PyObject *list = PyList_New(bl->count);
+    if (list == NULL) {
+        goto done;
+    }
+    for (int c = 0; c < bl->count; c++) {
+        PyObject *item = Py_BuildValue("(iinnOy#)", bl->h[c], bl->v[c],
+                                       (Py_ssize_t)bl->plane_rows[c],
+                                       (Py_ssize_t)bl->plane_cols[c], buffers[c], "", (Py_ssize_t)0);
+        if (item == NULL) {
+            Py_DECREF(list);
+            goto done;
+        }
+        PyList_SET_ITEM(list, c, item);
+    }
+    if (status == RUN_STOPPED) {
+        result = Py_BuildValue("(iiN(nni))", bl->width, bl->height, list, (Py_ssize_t)stop.row,
+                               (Py_ssize_t)stop.col, stop.block);
+    } else {
+        result = Py_BuildValue("(iiNO)", bl->width, bl->height, list, Py_None);
+    }
+done:
+    for (int c = 0; c < 4; c++) {
+        Py_XDECREF(buffers[c]);
+    }
+    PyMem_Free(bl);
     PyBuffer_Release(&data);
     return result;
 }
@@ -899,6 +1455,8 @@ static PyObject *mean_hash(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"decode_planes", decode_planes, METH_VARARGS,
      "decode_planes(data, max_memory, mode=0) -> (width, height, components, corrupt)"},
+    {"decode_baseline", decode_baseline, METH_VARARGS,
+     "decode_baseline(data, max_memory) -> None or (width, height, components, stop)"},
     {"assemble", assemble, METH_VARARGS,
      "assemble(planes, width, height, model, want) -> bytearray"},
     {"luma", luma, METH_VARARGS, "luma(rgb) -> bytearray: image-rs to_luma8 of RGB8"},

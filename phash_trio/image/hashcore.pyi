@@ -20,6 +20,12 @@ LIBJPEG_TURBO_VERSION_NUMBER: int
 def decode_planes(
     data: Buffer, max_memory: int, mode: int = ..., /
 ) -> tuple[int, int, list[tuple[int, int, int, int, bytearray, bytes]], bool]: ...
+def decode_baseline(
+    data: Buffer, max_memory: int, /
+) -> (
+    tuple[int, int, list[tuple[int, int, int, int, bytearray, bytes]], tuple[int, int, int] | None]
+    | None
+): ...
 def assemble(
     planes: list[tuple[Buffer, int, int, int, int]],
     width: int,

@@ -20,14 +20,17 @@ import numpy.typing as npt
 
 from phash_trio.image import hashcore
 
-from .errors import JpegFormatError, JpegTooLargeError
+from .errors import JpegFormatError, JpegTooLargeError, JpegTruncatedError
 from .markers import JpegStructure
+from .zune_walk import ZuneStop
 
 __all__ = [
     "DEFAULT_MAX_MEMORY",
+    "BaselinePlanes",
     "Coefficients",
     "Planes",
     "block_dims",
+    "read_baseline",
     "read_coefficients",
     "read_planes",
 ]
@@ -54,6 +57,44 @@ class Planes:
 
     planes: tuple[npt.NDArray[np.uint8], ...]
     corrupt: bool
+
+
+@attrs.frozen(eq=False)
+class BaselinePlanes:
+    """zune's IDCT output of every MCU, and where zune's entropy decoder stopped (if it did)."""
+
+    planes: tuple[npt.NDArray[np.uint8], ...]
+    """Writable, one per component, padded to whole MCUs."""
+    stop: ZuneStop | None
+
+
+def read_baseline(
+    structure: JpegStructure, *, max_memory: int = DEFAULT_MAX_MEMORY
+) -> BaselinePlanes | None:
+    """Decode a single-scan baseline image with the port of zune's own entropy decoder.
+
+    None when the image is outside what that port models (progressive, several scans, ...):
+    the caller then uses :func:`read_planes`. Raises JpegTruncatedError where zune runs out
+    of data at a restart marker ("Exhausted data in the image").
+    """
+    try:
+        decoded = hashcore.decode_baseline(structure.stream, max_memory)
+    except hashcore.MemoryLimitError as exc:
+        raise JpegTooLargeError(
+            structure.width, structure.height, 0, reason=f"JPEG {exc}"
+        ) from None
+    except hashcore.JpegLibError as exc:
+        raise JpegTruncatedError(f"JPEG: {exc}") from None
+    if decoded is None:
+        return None
+    width, height, parts, stop = decoded
+    if (width, height) != (structure.width, structure.height):
+        raise JpegFormatError("the baseline decoder read a different frame")
+    planes = tuple(
+        np.frombuffer(buffer, dtype=np.uint8).reshape(rows, cols)
+        for _, _, rows, cols, buffer, _ in parts
+    )
+    return BaselinePlanes(planes=planes, stop=None if stop is None else ZuneStop(*stop))
 
 
 def block_dims(structure: JpegStructure) -> list[tuple[int, int]]:

@@ -36,7 +36,7 @@ import numpy.typing as npt
 
 from phash_trio.image import hashcore
 
-from .coeffs import DEFAULT_MAX_MEMORY, read_coefficients, read_planes
+from .coeffs import DEFAULT_MAX_MEMORY, read_baseline, read_coefficients, read_planes
 from .errors import (
     JpegDecodeError,
     JpegFormatError,
@@ -46,7 +46,7 @@ from .errors import (
 )
 from .markers import JpegStructure, read_structure
 from .pixels import ColourModel
-from .zune_walk import ZuneStop, find_zune_stop
+from .zune_walk import ZuneStop
 
 __all__ = [
     "DEFAULT_MAX_MEMORY",
@@ -94,12 +94,9 @@ def decode_jpeg(
     budget = max_memory - structure.width * structure.height * channels
     if not structure.complete:
         _check_scan_was_complete(structure, budget)
-    decoded = read_planes(structure, max_memory=budget)
-    planes = list(decoded.planes)
-    stop = find_zune_stop(structure) if decoded.corrupt else None
+    planes, stop = _planes(structure, budget)
     ratios = [(structure.max_h // c.h, structure.max_v // c.v) for c in structure.components]
     if stop is not None:
-        planes = [plane.copy() for plane in planes]
         keep_stale_blocks(planes, structure, stop)
     sources = [
         (plane, plane.shape[0], plane.shape[1], rh, rv)
@@ -117,6 +114,16 @@ def decode_jpeg(
     if stop is not None:
         pixels[_rows_output(structure, ratios, stop) :] = 128
     return pixels
+
+
+def _planes(
+    structure: JpegStructure, max_memory: int
+) -> tuple[list[npt.NDArray[np.uint8]], ZuneStop | None]:
+    """Padded planes from zune's own decoder where it applies, else from libjpeg's coefficients."""
+    baseline = None if structure.progressive else read_baseline(structure, max_memory=max_memory)
+    if baseline is not None:
+        return list(baseline.planes), baseline.stop
+    return list(read_planes(structure, max_memory=max_memory).planes), None
 
 
 def keep_stale_blocks(
