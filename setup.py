@@ -21,6 +21,7 @@ setup(
                 "-fno-fast-math",
                 "-fwrapv",
                 "-fno-strict-aliasing",
+                "-fno-tree-loop-distribute-patterns",
                 "-Wall",
                 "-Wextra",
                 "-Wno-unused-parameter",

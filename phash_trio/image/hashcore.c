@@ -193,35 +193,72 @@ static inline uint8_t clamp_u8(int32_t v) {
     return (uint8_t)(v < 0 ? 0 : (v > 255 ? 255 : v));
 }
 
-/* zune's IDCT of one dequantised block (natural order) into 8x8 pixels at out (row stride). */
-static void idct_dequantised(const int32_t *d, uint8_t *out, size_t stride) {
-    int ac = 0;
-    for (int i = 1; i < 64; i++) {
-        ac |= d[i] != 0;
+static void idct_dc(int32_t dc, uint8_t *out, size_t stride) {
+    uint8_t value = clamp_u8((dc + 4 + 1024) >> 3);
+    for (int y = 0; y < 8; y++) {
+        memset(out + y * stride, value, 8);
     }
-    if (!ac) {
-        uint8_t value = clamp_u8((d[0] + 4 + 1024) >> 3);
-        for (int y = 0; y < 8; y++) {
-            memset(out + y * stride, value, 8);
-        }
-        return;
-    }
+}
+
+/*
+ * zune's IDCT of one dequantised block (natural order) into 8x8 pixels at out (row stride).
+ * `small`: every coefficient outside the top-left 4x4 is zero. The arithmetic is then the
+ * same with literal zeros (a column of zeros gives exactly 0 in the first pass), which lets
+ * the compiler drop the dead terms: zune's idct_4x4 shortcut, with identical results.
+ */
+static inline void idct_any(const int32_t *d, uint8_t *out, size_t stride, int small) {
     int32_t col[64]; /* col[y * 8 + u] */
-    for (int u = 0; u < 8; u++) {
+    int columns = small ? 4 : 8;
+    for (int u = 0; u < columns; u++) {
         const int32_t *v = d + u;
-        IDCT_1D(v[0], v[8], v[16], v[24], v[32], v[40], v[48], v[56], ROW_BIAS, 10,
-                col[u], col[8 + u], col[16 + u], col[24 + u], col[32 + u], col[40 + u],
-                col[48 + u], col[56 + u]);
+        if (small) {
+            IDCT_1D(v[0], v[8], v[16], v[24], 0, 0, 0, 0, ROW_BIAS, 10, col[u], col[8 + u],
+                    col[16 + u], col[24 + u], col[32 + u], col[40 + u], col[48 + u],
+                    col[56 + u]);
+        } else {
+            IDCT_1D(v[0], v[8], v[16], v[24], v[32], v[40], v[48], v[56], ROW_BIAS, 10,
+                    col[u], col[8 + u], col[16 + u], col[24 + u], col[32 + u], col[40 + u],
+                    col[48 + u], col[56 + u]);
+        }
     }
     for (int y = 0; y < 8; y++) {
         const int32_t *v = col + y * 8;
         int32_t o[8];
-        IDCT_1D(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], COL_BIAS, 17,
-                o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7]);
+        if (small) {
+            IDCT_1D(v[0], v[1], v[2], v[3], 0, 0, 0, 0, COL_BIAS, 17, o[0], o[1], o[2], o[3],
+                    o[4], o[5], o[6], o[7]);
+        } else {
+            IDCT_1D(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], COL_BIAS, 17, o[0], o[1],
+                    o[2], o[3], o[4], o[5], o[6], o[7]);
+        }
         uint8_t *row = out + y * stride;
         for (int x = 0; x < 8; x++) {
             row[x] = clamp_u8(o[x]);
         }
+    }
+}
+
+static void idct_small(const int32_t *d, uint8_t *out, size_t stride) {
+    idct_any(d, out, stride, 1);
+}
+
+static void idct_full(const int32_t *d, uint8_t *out, size_t stride) {
+    idct_any(d, out, stride, 0);
+}
+
+/* Any block: the DC shortcut when all 63 AC are zero (same result as the full transform). */
+static void idct_dequantised(const int32_t *d, uint8_t *out, size_t stride) {
+    int ac = 0, outside = 0;
+    for (int i = 1; i < 64; i++) {
+        ac |= d[i] != 0;
+        outside |= (d[i] != 0) & (((i & 7) >= 4) | (i >= 32));
+    }
+    if (!ac) {
+        idct_dc(d[0], out, stride);
+    } else if (!outside) {
+        idct_small(d, out, stride);
+    } else {
+        idct_full(d, out, stride);
     }
 }
 
@@ -602,8 +639,7 @@ static inline int32_t huff_extend(int32_t x, int s) {
 
 /* bitstream.rs decode_mcu_block into `out` (dequantised, natural order); BITS_STOP on error. */
 static int decode_block(Bits *b, const Huffman *dc, const Huffman *ac, const int32_t *qt,
-                        int32_t *dc_pred, int32_t *out) {
-    memset(out, 0, 64 * sizeof(int32_t));
+                        int32_t *dc_pred, int32_t *out, int *last) {
     if (b->bits < 1 && b->marker >= 0) {
         return BITS_STOP;
     }
@@ -656,7 +692,23 @@ static int decode_block(Bits *b, const Huffman *dc, const Huffman *ac, const int
             pos += 16;
         }
     }
+    *last = pos;
     return BITS_OK;
+}
+
+/* Zero a block again after use; only the 4x4 corner can be set when last <= 10. */
+static inline void clear_block(int32_t *block, int last) {
+    if (last <= 10) {
+        for (int y = 0; y < 4; y++) {
+            for (int x = 0; x < 4; x++) {
+                block[y * 8 + x] = 0;
+            }
+        }
+    } else {
+        for (int i = 0; i < 64; i++) {
+            block[i] = 0;
+        }
+    }
 }
 
 /* zune's get_marker from the byte position: the next marker, or -1 at the end of data. */
@@ -850,6 +902,10 @@ static int baseline_run(const Baseline *bl, const uint8_t *d, size_t n, uint8_t 
     Bits b = {.data = d, .size = n, .pos = bl->scan_start, .marker = -1};
     int32_t dc_pred[4] = {0, 0, 0, 0};
     int32_t block[64];
+    int last = 64;
+    for (int i = 0; i < 64; i++) {
+        block[i] = 0;
+    }
     int interval = bl->restart_interval;
     int todo = interval;
     int single = bl->count == 1;
@@ -865,7 +921,7 @@ static int baseline_run(const Baseline *bl, const uint8_t *d, size_t n, uint8_t 
                 for (int y = 0; y < v; y++) {
                     for (int x = 0; x < h; x++, index++) {
                         if (decode_block(&b, &bl->dc[bl->td[c]], &bl->ac[bl->ta[c]],
-                                         bl->quant[bl->tq[c]], &dc_pred[c], block)
+                                         bl->quant[bl->tq[c]], &dc_pred[c], block, &last)
                             != BITS_OK) {
                             stop->row = row;
                             stop->col = col;
@@ -874,7 +930,16 @@ static int baseline_run(const Baseline *bl, const uint8_t *d, size_t n, uint8_t 
                         }
                         uint8_t *at = planes[c] + (row * (size_t)v * 8 + (size_t)y * 8) * stride
                                       + (col * (size_t)h + (size_t)x) * 8;
-                        idct_dequantised(block, at, stride);
+                        /* zune: idct_1x1 for len <= 1, idct_4x4 for len <= 10 (zig-zag
+                           positions 0..9 all lie in the 4x4 corner), else the full one */
+                        if (last <= 1) {
+                            idct_dc(block[0], at, stride);
+                        } else if (last <= 10) {
+                            idct_small(block, at, stride);
+                        } else {
+                            idct_full(block, at, stride);
+                        }
+                        clear_block(block, last);
                     }
                 }
             }
@@ -1081,20 +1146,28 @@ static void upsample_row(const Source *s, size_t y, size_t width, uint8_t *out, 
         return;
     }
     /* out[0] = r[0]; out[2i] = (3 r[i] + r[i-1] + 2) >> 2; out[2i+1] = (3 r[i] + r[i+1] + 2) >> 2;
-       out[2n-1] = r[n-1]; rows under 18 samples: zune's scalar fallback quirk at 2n-2. */
-    uint8_t *wide = tmp + n;
-    wide[0] = row[0];
+       out[2n-1] = r[n-1]; rows under 18 samples: zune's scalar fallback quirk at 2n-2.
+       Even and odd outputs are computed into two runs, then interleaved (vectorises well). */
+    uint8_t *even = tmp + n, *odd = tmp + 2 * n;
+    even[0] = row[0];
     for (size_t i = 1; i < n; i++) {
-        wide[2 * i] = (uint8_t)((3 * row[i] + row[i - 1] + 2) >> 2);
+        even[i] = (uint8_t)((3 * row[i] + row[i - 1] + 2) >> 2);
     }
     for (size_t i = 0; i + 1 < n; i++) {
-        wide[2 * i + 1] = (uint8_t)((3 * row[i] + row[i + 1] + 2) >> 2);
+        odd[i] = (uint8_t)((3 * row[i] + row[i + 1] + 2) >> 2);
     }
-    wide[2 * n - 1] = row[n - 1];
+    odd[n - 1] = row[n - 1];
     if (n < SCALAR_FALLBACK_BELOW && n >= 2) {
-        wide[2 * n - 2] = (uint8_t)((3 * row[n - 2] + row[n - 1] + 2) >> 2);
+        even[n - 1] = (uint8_t)((3 * row[n - 2] + row[n - 1] + 2) >> 2);
     }
-    memcpy(out, wide, width);
+    size_t pairs = width / 2;
+    for (size_t i = 0; i < pairs; i++) {
+        out[2 * i] = even[i];
+        out[2 * i + 1] = odd[i];
+    }
+    if (width & 1) {
+        out[width - 1] = even[pairs];
+    }
 }
 
 static inline uint8_t blinn(int a, int k) {
@@ -1111,6 +1184,72 @@ static inline void ycbcr(int y, int cb, int cr, uint8_t *rgb) {
     rgb[2] = clamp_u8(b);
 }
 
+static inline int ycc_r(int y, int cr) {
+    return y + ((8191 + (cr - 128) * 22970) >> 14);
+}
+static inline int ycc_g(int y, int cb, int cr) {
+    return y + ((8191 + (cb - 128) * -5638 + (cr - 128) * -11700) >> 14);
+}
+static inline int ycc_b(int y, int cb) {
+    return y + ((8191 + (cb - 128) * 29032) >> 14);
+}
+
+/* One output row from upsampled component lines, one tight loop per model and output. */
+static void convert_row(int model, int want, const uint8_t *const *l, size_t width, uint8_t *dst) {
+    const uint8_t *l0 = l[0], *l1 = l[1], *l2 = l[2], *l3 = l[3];
+    if (want == WANT_GRAY) {
+        switch (model) {
+        case MODEL_LUMA:
+            memcpy(dst, l0, width);
+            return;
+        case MODEL_YCBCR:
+            for (size_t x = 0; x < width; x++) {
+                int y = l0[x], cb = l1[x], cr = l2[x];
+                dst[x] = luma8(clamp_u8(ycc_r(y, cr)), clamp_u8(ycc_g(y, cb, cr)),
+                               clamp_u8(ycc_b(y, cb)));
+            }
+            return;
+        default:
+            break;
+        }
+    }
+    for (size_t x = 0; x < width; x++) {
+        uint8_t r, g, b;
+        switch (model) {
+        case MODEL_LUMA:
+            r = g = b = l0[x];
+            break;
+        case MODEL_RGB:
+            r = l0[x];
+            g = l1[x];
+            b = l2[x];
+            break;
+        case MODEL_CMYK:
+            r = blinn(l0[x], l3[x]);
+            g = blinn(l1[x], l3[x]);
+            b = blinn(l2[x], l3[x]);
+            break;
+        case MODEL_YCCK:
+            r = blinn(255 - clamp_u8(ycc_r(l0[x], l2[x])), l3[x]);
+            g = blinn(255 - clamp_u8(ycc_g(l0[x], l1[x], l2[x])), l3[x]);
+            b = blinn(255 - clamp_u8(ycc_b(l0[x], l1[x])), l3[x]);
+            break;
+        default:
+            r = clamp_u8(ycc_r(l0[x], l2[x]));
+            g = clamp_u8(ycc_g(l0[x], l1[x], l2[x]));
+            b = clamp_u8(ycc_b(l0[x], l1[x]));
+            break;
+        }
+        if (want == WANT_GRAY) {
+            dst[x] = luma8(r, g, b);
+        } else {
+            dst[3 * x] = r;
+            dst[3 * x + 1] = g;
+            dst[3 * x + 2] = b;
+        }
+    }
+}
+
 /* Assemble rows [0, height) into out (gray: width bytes a row; rgb: 3 * width). */
 static int assemble_rows(const Source *src, int count, int model, int want, size_t width,
                          size_t height, uint8_t *out) {
@@ -1119,58 +1258,23 @@ static int assemble_rows(const Source *src, int count, int model, int want, size
         widest = src[c].cols > widest ? src[c].cols : widest;
     }
     size_t row_len = width > 2 * widest ? width : 2 * widest;
-    uint8_t *scratch = malloc((size_t)count * row_len + 4 * widest + 16);
+    uint8_t *scratch = malloc((size_t)count * row_len + 3 * widest + 16);
     if (scratch == NULL) {
         return -1;
     }
-    uint8_t *lines[4];
-    for (int c = 0; c < count; c++) {
-        lines[c] = scratch + (size_t)c * row_len;
-    }
+    const uint8_t *lines[4] = {NULL, NULL, NULL, NULL};
     uint8_t *tmp = scratch + (size_t)count * row_len;
     for (size_t y = 0; y < height; y++) {
         for (int c = 0; c < count; c++) {
-            upsample_row(&src[c], y, width, lines[c], tmp);
-        }
-        uint8_t *dst = out + y * width * (want == WANT_RGB ? 3 : 1);
-        const uint8_t *l0 = lines[0], *l1 = count > 1 ? lines[1] : NULL,
-                      *l2 = count > 2 ? lines[2] : NULL, *l3 = count > 3 ? lines[3] : NULL;
-        for (size_t x = 0; x < width; x++) {
-            uint8_t rgb[3];
-            switch (model) {
-            case MODEL_LUMA:
-                if (want == WANT_GRAY) {
-                    dst[x] = l0[x];
-                    continue;
-                }
-                rgb[0] = rgb[1] = rgb[2] = l0[x];
-                break;
-            case MODEL_RGB:
-                rgb[0] = l0[x];
-                rgb[1] = l1[x];
-                rgb[2] = l2[x];
-                break;
-            case MODEL_CMYK:
-                rgb[0] = blinn(l0[x], l3[x]);
-                rgb[1] = blinn(l1[x], l3[x]);
-                rgb[2] = blinn(l2[x], l3[x]);
-                break;
-            case MODEL_YCCK:
-                ycbcr(l0[x], l1[x], l2[x], rgb);
-                rgb[0] = blinn(255 - rgb[0], l3[x]);
-                rgb[1] = blinn(255 - rgb[1], l3[x]);
-                rgb[2] = blinn(255 - rgb[2], l3[x]);
-                break;
-            default:
-                ycbcr(l0[x], l1[x], l2[x], rgb);
-                break;
-            }
-            if (want == WANT_GRAY) {
-                dst[x] = luma8(rgb[0], rgb[1], rgb[2]);
+            if (src[c].rh == 1 && src[c].rv == 1) {
+                lines[c] = src[c].plane + y * src[c].cols; /* no copy needed */
             } else {
-                memcpy(dst + 3 * x, rgb, 3);
+                uint8_t *line = scratch + (size_t)c * row_len;
+                upsample_row(&src[c], y, width, line, tmp);
+                lines[c] = line;
             }
         }
+        convert_row(model, want, lines, width, out + y * width * (want == WANT_RGB ? 3 : 1));
     }
     free(scratch);
     return 0;
