@@ -20,8 +20,8 @@ from phash_trio.image.jpeg.decoder import (
     JpegTooLargeError,
     JpegTruncatedError,
     JpegUnsupportedError,
-    keep_stale_blocks,
     decode_jpeg,
+    keep_stale_blocks,
 )
 from phash_trio.image.jpeg.markers import read_structure
 from phash_trio.image.jpeg.pixels import ColourModel, assemble, idct_plane

@@ -39,6 +39,11 @@ static PyObject *MemoryLimit;  /* hashcore.MemoryLimitError: the decode would ex
 
 /* ------------------------------------------------------------------ libjpeg binding */
 
+/*
+ * The corrupt flag is informational: with the whole input in memory libjpeg-turbo decodes
+ * most blocks on its fast Huffman path, which turns a bad code into 0 without a warning.
+ * Where zune stops is decided by the zune port below, never by this flag.
+ */
 typedef struct {
     struct jpeg_error_mgr pub;
     jmp_buf jump;

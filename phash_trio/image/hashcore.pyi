@@ -1,6 +1,12 @@
 """Type stub of the compiled core (phash_trio/image/hashcore.c)."""
 
-from collections.abc import Buffer
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+import numpy as np
+
+# Anything with the buffer protocol; numpy arrays are not typed as Buffer before Python 3.12.
+Buffer: TypeAlias = bytes | bytearray | memoryview | np.ndarray[Any, Any]
 
 class JpegLibError(Exception): ...
 class MemoryLimitError(Exception): ...
@@ -27,7 +33,7 @@ def decode_baseline(
     | None
 ): ...
 def assemble(
-    planes: list[tuple[Buffer, int, int, int, int]],
+    planes: Sequence[tuple[Buffer, int, int, int, int]],
     width: int,
     height: int,
     model: int,

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from phash_trio.image import hashcore
 from phash_trio.image.decode import (
     CorruptImage,
     ImageError,
@@ -34,7 +35,6 @@ from phash_trio.image.decode import (
     UnsupportedImage,
     decode_gray,
 )
-from phash_trio.image import hashcore
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",

@@ -109,7 +109,11 @@ def decode_jpeg(
         _MODELS[_colour_model(structure)],
         _WANTS[want],
     )
-    shape = (structure.height, structure.width, 3) if want == "rgb" else (structure.height, structure.width)
+    shape = (
+        (structure.height, structure.width, 3)
+        if want == "rgb"
+        else (structure.height, structure.width)
+    )
     pixels = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
     if stop is not None:
         pixels[_rows_output(structure, ratios, stop) :] = 128

@@ -1,0 +1,228 @@
+"""The compiled core: libjpeg errors as exceptions, zune's decoder vs its model, cost bounds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phash_trio.image import hashcore
+from phash_trio.image.jpeg.coeffs import block_dims, read_baseline, read_planes
+from phash_trio.image.jpeg.decoder import (
+    JpegDecodeError,
+    JpegTooLargeError,
+    JpegUnsupportedError,
+    decode_jpeg,
+)
+from phash_trio.image.jpeg.markers import read_structure
+from phash_trio.image.jpeg.zune_walk import find_zune_stop
+
+_HOPPER = "pillow/hopper.jpg"
+_RESTARTS = "photos/jpeg/sugarshack_518x450_q75_420_base_rst4.jpg"
+_PROGRESSIVE = "pillow/app13-multiple.jpg"
+
+
+def _read(golden_dir: Path, name: str) -> bytes:
+    return (golden_dir / "images" / name).read_bytes()
+
+
+def _segment(code: int, body: bytes) -> bytes:
+    return bytes([0xFF, code]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def _one_code_jpeg(width: int, height: int, components: int = 1) -> bytes:
+    """A tiny JPEG whose only Huffman code (DC and AC) is sixteen zero bits: issue 9's case."""
+    counts = bytes(15) + b"\x01"
+    sof = bytes([8]) + height.to_bytes(2, "big") + width.to_bytes(2, "big") + bytes([components])
+    sof += b"".join(bytes([k + 1, 0x11, 0]) for k in range(components))
+    sos = bytes([components]) + b"".join(bytes([k + 1, 0x00]) for k in range(components))
+    return (
+        b"\xff\xd8"
+        + _segment(0xDB, b"\x00" + bytes(range(1, 65)))
+        + _segment(0xC4, b"\x00" + counts + b"\x00" + b"\x10" + counts + b"\x00")
+        + _segment(0xC0, sof)
+        + _segment(0xDA, sos + b"\x00\x3f\x00")
+        + b"\x00" * 16
+        + b"\xff\xd9"
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xff\xd8",
+        b"\xff\xd8\xff\xd9",
+        b"not a jpeg at all",
+        b"\xff\xd8" + _segment(0xC4, b"\x00" + b"\xff" * 16),  # DHT counting 4080 codes
+        b"\xff\xd8" + _segment(0xC0, b"\x08\x00\x10\x00\x00\x01\x01\x11\x00"),  # width 0
+        b"\xff\xd8" + _segment(0xDB, b"\x07" + bytes(64)),  # quantisation table 7
+    ],
+    ids=["empty", "soi", "soi-eoi", "text", "dht", "sof-width-0", "dqt-slot"],
+)
+def test_libjpeg_errors_are_exceptions_not_crashes(data: bytes) -> None:
+    """Headers libjpeg rejects reach error_exit, which longjmps back: one exception, no exit."""
+    with pytest.raises(hashcore.JpegLibError) as caught:
+        hashcore.decode_planes(data, 1 << 24)
+    assert str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_libjpeg_warnings_never_reach_stderr(
+    golden_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Damaged data makes libjpeg warn; the hook records it and file descriptor 2 stays empty."""
+    data = bytearray(_read(golden_dir, _HOPPER))
+    scan = data.index(b"\xff\xda")
+    data[scan + 200 : scan + 204] = b"\xff\x00\xff\x00"
+    width, height, parts, corrupt = hashcore.decode_planes(bytes(data), 1 << 26)
+    assert (width, height, len(parts), corrupt) == (128, 128, 3, True)
+    assert capfd.readouterr().err == ""
+
+
+def test_memory_limit_is_checked_before_allocating(golden_dir: Path) -> None:
+    """A decode that needs more than max_memory is refused up front by both decoders."""
+    structure = read_structure(_read(golden_dir, _HOPPER), max_pixels=10**6)
+    with pytest.raises(hashcore.MemoryLimitError, match="MB"):
+        hashcore.decode_planes(structure.stream, 10_000)
+    with pytest.raises(hashcore.MemoryLimitError):
+        hashcore.decode_baseline(structure.stream, 10_000)
+    with pytest.raises(JpegTooLargeError, match="limit"):
+        decode_jpeg(_read(golden_dir, _HOPPER), max_memory=30_000)
+
+
+def test_zune_port_and_libjpeg_agree_on_intact_files(golden_dir: Path) -> None:
+    """On undamaged baseline files zune's decoder and libjpeg give the same coded blocks.
+
+    (Past libjpeg's coded blocks zune has the MCU padding blocks the encoder wrote; libjpeg's
+    planes are edge-replicated there.)"""
+    for name in (_HOPPER, _RESTARTS, "photos/jpeg/china_596x299_q88_420_base_opt.jpg"):
+        structure = read_structure(_read(golden_dir, name), max_pixels=10**7)
+        ours = read_baseline(structure)
+        assert ours is not None and ours.stop is None
+        libjpeg = read_planes(structure)
+        dims = block_dims(structure)
+        for mine, theirs, (rows, cols) in zip(ours.planes, libjpeg.planes, dims, strict=True):
+            coded = (slice(0, rows * 8), slice(0, cols * 8))
+            assert np.array_equal(mine[coded], theirs[coded]), name
+
+
+def test_progressive_files_go_to_libjpeg(golden_dir: Path) -> None:
+    """The zune port models single-scan baseline only: progressive is outside (None)."""
+    structure = read_structure(_read(golden_dir, _PROGRESSIVE), max_pixels=10**7)
+    assert read_baseline(structure) is None
+
+
+@pytest.mark.parametrize(("name", "min_stops"), [(_HOPPER, 10), (_RESTARTS, 0)])
+def test_compiled_stop_matches_the_python_model_under_random_damage(
+    golden_dir: Path, name: str, min_stops: int
+) -> None:
+    """Where the Python walk (the oracle) finds a stop, the compiled decoder stops there too."""
+    original = _read(golden_dir, name)
+    scan = original.index(b"\xff\xda") + 20
+    rng = np.random.default_rng(99)
+    compared = stopped = 0
+    for _ in range(150):
+        data = bytearray(original)
+        for _ in range(int(rng.integers(1, 4))):
+            data[int(rng.integers(scan, len(data) - 2))] = int(rng.integers(256))
+        try:
+            structure = read_structure(bytes(data), max_pixels=10**7)
+            compiled = read_baseline(structure)
+        except JpegDecodeError:
+            continue
+        if compiled is None:
+            continue
+        expected = find_zune_stop(structure)
+        compared += 1
+        stopped += compiled.stop is not None
+        assert compiled.stop == expected
+    assert compared > 50 and stopped >= min_stops
+
+
+def test_ultra_hdr_decodes_the_primary_image_only(golden_dir: Path) -> None:
+    """An Ultra HDR file (primary JPEG with an MPF index, gain map appended) is its primary."""
+    primary = _read(golden_dir, _HOPPER)
+    gain_map = _read(golden_dir, "pillow/hopper_gray.jpg")
+    mpf = _segment(0xE2, b"MPF\x00" + b"MM\x00\x2a\x00\x00\x00\x08" + bytes(40))
+    ultra_hdr = primary[:2] + mpf + primary[2:] + gain_map
+    assert np.array_equal(decode_jpeg(ultra_hdr), decode_jpeg(primary))
+    assert np.array_equal(decode_jpeg(ultra_hdr, want="rgb"), decode_jpeg(primary, want="rgb"))
+
+
+def _with_scans(data: bytes, extra: int) -> bytes:
+    """``data`` (progressive) with its last scan repeated ``extra`` more times before EOI."""
+    last = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    return data[:end] + data[last:end] * extra + data[end:]
+
+
+def test_progressive_scan_limit_is_zunes(golden_dir: Path) -> None:
+    """Up to 100 progressive scans decode; the 101st is zune's "Too many scans" refusal."""
+    data = _read(golden_dir, _PROGRESSIVE)
+    scans = read_structure(data, max_pixels=10**7).stream.count(b"\xff\xda")
+    decode_jpeg(_with_scans(data, 100 - scans))
+    with pytest.raises(JpegUnsupportedError, match="Too many scans"):
+        decode_jpeg(_with_scans(data, 101 - scans))
+
+
+def test_threads_decode_in_parallel_and_agree(golden_dir: Path) -> None:
+    """Eight threads decoding gray and RGB at once get the serial results (no shared state)."""
+    names = [_HOPPER, _RESTARTS, _PROGRESSIVE, "pillow/pil_sample_cmyk.jpg"]
+    jobs = [(_read(golden_dir, n), want) for n in names for want in ("gray", "rgb")] * 4
+    serial = [decode_jpeg(data, want=want) for data, want in jobs]  # type: ignore[arg-type]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = list(pool.map(lambda job: decode_jpeg(job[0], want=job[1]), jobs))
+    assert all(np.array_equal(a, b) for a, b in zip(parallel, serial, strict=True))
+
+
+_COST_PROBE = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    from phash_trio.image.meanhash import ImageError, mean_hash
+    data = sys.stdin.buffer.read()
+    start = time.process_time()
+    try:
+        outcome = "%016x" % mean_hash(data, max_pixels=25_000_000)
+    except ImageError as exc:
+        outcome = type(exc).__name__
+    cpu = time.process_time() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"outcome": outcome, "cpu": cpu, "peak": peak}))
+    """
+)
+
+
+def _cost(data: bytes) -> dict[str, object]:
+    """Hash ``data`` in a fresh interpreter; its outcome, CPU seconds and peak RSS in bytes."""
+    done = subprocess.run(
+        [sys.executable, "-c", _COST_PROBE], input=data, capture_output=True, check=True
+    )
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+@pytest.mark.parametrize("components", [1, 4])
+def test_sixteen_bit_huffman_code_costs_little(components: int) -> None:
+    """Issue 9's 149-byte all-zero 16-bit code JPEG (and its CMYK cousin): < 2 s, < 400 MB."""
+    data = _one_code_jpeg(4990, 5000, components)
+    assert len(data) < 200
+    cost = _cost(data)
+    assert isinstance(cost["cpu"], float) and cost["cpu"] < 2.0
+    assert isinstance(cost["peak"], int) and cost["peak"] < 400 << 20
+
+
+def test_huge_frame_from_a_one_byte_change_costs_little(golden_dir: Path) -> None:
+    """A real photo whose SOF says 65344x624 (issue 9: 614 MB, 8.5 s) stays under 2 s, 400 MB."""
+    data = bytearray(_read(golden_dir, "photos/jpeg/china_596x299_q88_420_base_opt.jpg"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 7 : sof + 9] = (65344).to_bytes(2, "big")
+    data[sof + 5 : sof + 7] = (624).to_bytes(2, "big")
+    cost = _cost(bytes(data))
+    assert isinstance(cost["cpu"], float) and cost["cpu"] < 2.0
+    assert isinstance(cost["peak"], int) and cost["peak"] < 400 << 20
