@@ -1078,8 +1078,8 @@ done:
 enum { MODEL_LUMA = 0, MODEL_YCBCR = 1, MODEL_RGB = 2, MODEL_CMYK = 3, MODEL_YCCK = 4 };
 enum { WANT_GRAY = 0, WANT_RGB = 1 };
 
-/* to_luma8 tables: (c as f32 * (1/255)) * k, the same f32 operations as image-rs. */
-static float luma_r[256], luma_g[256], luma_b[256];
+/* to_luma8: (c as f32 * (1/255)) * k per channel, the same f32 operations as image-rs. */
+static float luma_scale, luma_kr, luma_kg, luma_kb;
 
 static float f32_from_bits(uint32_t bits) {
     float f;
@@ -1088,19 +1088,18 @@ static float f32_from_bits(uint32_t bits) {
 }
 
 static void init_luma_tables(void) {
-    const float kr = f32_from_bits(0x3e59c05bu), kg = f32_from_bits(0x3f3715fcu),
-                kb = f32_from_bits(0x3d93cf75u);
-    volatile float scale = 1.0f / 255.0f;
-    for (int i = 0; i < 256; i++) {
-        float value = (float)i * scale;
-        luma_r[i] = value * kr;
-        luma_g[i] = value * kg;
-        luma_b[i] = value * kb;
-    }
+    luma_kr = f32_from_bits(0x3e59c05bu);
+    luma_kg = f32_from_bits(0x3f3715fcu);
+    luma_kb = f32_from_bits(0x3d93cf75u);
+    volatile float one = 1.0f, top = 255.0f;
+    luma_scale = one / top;
 }
 
+/* Arithmetic, not table lookups, so that the compiler can vectorise it; every operation is a
+   plain IEEE f32 multiply or add (no FMA: -ffp-contract=off), as in image-rs. */
 static inline uint8_t luma8(int r, int g, int b) {
-    float total = (luma_r[r] + luma_g[g]) + luma_b[b];
+    float total = (((float)r * luma_scale) * luma_kr + ((float)g * luma_scale) * luma_kg)
+                  + ((float)b * luma_scale) * luma_kb;
     total = total * 255.0f;
     total = total + 0.5f; /* round half away from zero (total >= 0): truncation below */
     int value = (int)total;
@@ -1199,6 +1198,33 @@ static inline int ycc_b(int y, int cb) {
     return y + ((8191 + (cb - 128) * 29032) >> 14);
 }
 
+static inline int32_t clamp255(int32_t v) {
+    v = v < 0 ? 0 : v;
+    return v > 255 ? 255 : v;
+}
+
+/* The hot loop of a colour photo: YCbCr -> RGB (zune) -> to_luma8 (image-rs), written so
+   that the compiler vectorises it (int32 lanes, then f32 lanes; the same IEEE operations, so
+   the same results: no FMA in either clone, -ffp-contract=off). */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__GLIBC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void ycbcr_to_gray(const uint8_t *l0, const uint8_t *l1, const uint8_t *l2, size_t width,
+                          uint8_t *dst) {
+    const float s = luma_scale, kr = luma_kr, kg = luma_kg, kb = luma_kb;
+    for (size_t x = 0; x < width; x++) {
+        int32_t y = l0[x], cb = (int32_t)l1[x] - 128, cr = (int32_t)l2[x] - 128;
+        int32_t r = clamp255(y + ((8191 + cr * 22970) >> 14));
+        int32_t g = clamp255(y + ((8191 + cb * -5638 + cr * -11700) >> 14));
+        int32_t b = clamp255(y + ((8191 + cb * 29032) >> 14));
+        float total = (((float)r * s) * kr + ((float)g * s) * kg) + ((float)b * s) * kb;
+        total = total * 255.0f;
+        total = total + 0.5f;
+        int32_t value = (int32_t)total;
+        dst[x] = (uint8_t)(value > 255 ? 255 : value);
+    }
+}
+
 /* One output row from upsampled component lines, one tight loop per model and output. */
 static void convert_row(int model, int want, const uint8_t *const *l, size_t width, uint8_t *dst) {
     const uint8_t *l0 = l[0], *l1 = l[1], *l2 = l[2], *l3 = l[3];
@@ -1208,11 +1234,7 @@ static void convert_row(int model, int want, const uint8_t *const *l, size_t wid
             memcpy(dst, l0, width);
             return;
         case MODEL_YCBCR:
-            for (size_t x = 0; x < width; x++) {
-                int y = l0[x], cb = l1[x], cr = l2[x];
-                dst[x] = luma8(clamp_u8(ycc_r(y, cr)), clamp_u8(ycc_g(y, cb, cr)),
-                               clamp_u8(ycc_b(y, cb)));
-            }
+            ycbcr_to_gray(l0, l1, l2, width, dst);
             return;
         default:
             break;
