@@ -112,6 +112,51 @@ def test_zune_port_and_libjpeg_agree_on_intact_files(golden_dir: Path) -> None:
             assert np.array_equal(mine[coded], theirs[coded]), name
 
 
+def _stb_idct(v: list[int]) -> list[int]:
+    """zune's scalar idct_int, loop for loop, with Rust's wrapping i32 arithmetic."""
+
+    def i32(x: int) -> int:
+        return (x + (1 << 31)) % (1 << 32) - (1 << 31)
+
+    if not any(v[1:]):
+        return [min(255, max(0, (v[0] + 4 + 1024) >> 3))] * 64
+
+    def one_d(x: list[int], bias: int, shift: int) -> list[int]:
+        p1 = i32((x[2] + x[6]) * 2217)
+        t2, t3 = i32(p1 + x[6] * -7567), i32(p1 + x[2] * 3135)
+        t0, t1 = i32((x[0] + x[4]) << 12), i32((x[0] - x[4]) << 12)
+        x0, x3 = i32(t0 + t3 + bias), i32(t0 - t3 + bias)
+        x1, x2 = i32(t1 + t2 + bias), i32(t1 - t2 + bias)
+        a0, a1, a2, a3 = x[7], x[5], x[3], x[1]
+        q3, q4, q1, q2 = i32(a0 + a2), i32(a1 + a3), i32(a0 + a3), i32(a1 + a2)
+        p5 = i32((q3 + q4) * 4816)
+        q1, q2 = i32(p5 + q1 * -3685), i32(p5 + q2 * -10497)
+        q3, q4 = i32(q3 * -8034), i32(q4 * -1597)
+        a3, a2 = i32(a3 * 6149 + q1 + q4), i32(a2 * 12586 + q2 + q3)
+        a1, a0 = i32(a1 * 8410 + q2 + q4), i32(a0 * 1223 + q1 + q3)
+        outs = [x0 + a3, x1 + a2, x2 + a1, x3 + a0, x3 - a0, x2 - a1, x1 - a2, x0 - a3]
+        return [i32(o) >> shift for o in outs]
+
+    cols = [one_d([v[u + 8 * k] for k in range(8)], 512, 10) for u in range(8)]
+    rows = [one_d([cols[u][y] for u in range(8)], 512 + 65536 + (128 << 17), 17) for y in range(8)]
+    return [min(255, max(0, p)) for row in rows for p in row]
+
+
+def test_compiled_idct_matches_zunes_scalar_transform() -> None:
+    """Full, 4x4-corner and DC-only blocks, small and huge (wrapping) values: bit for bit."""
+    rng = np.random.default_rng(17)
+    blocks = rng.integers(-2000, 2000, size=(300, 64)).astype(np.int32)
+    blocks[:60, 1:] = 0  # DC only
+    corner = np.zeros((8, 8), dtype=bool)
+    corner[:4, :4] = True
+    blocks[60:150, ~corner.reshape(-1)] = 0  # zune's 4x4 case
+    blocks[150:180] = rng.integers(-(2**31), 2**31 - 1, size=(30, 64))  # overflow wraps
+    blocks[180:200, 1:] = rng.integers(-1, 2, size=(20, 63)) * (rng.random((20, 63)) < 0.05)
+    got = np.frombuffer(hashcore.idct(blocks), dtype=np.uint8).reshape(-1, 64)
+    for block, pixels in zip(blocks, got, strict=True):
+        assert pixels.tolist() == _stb_idct([int(c) for c in block])
+
+
 def test_progressive_files_go_to_libjpeg(golden_dir: Path) -> None:
     """The zune port models single-scan baseline only: progressive is outside (None)."""
     structure = read_structure(_read(golden_dir, _PROGRESSIVE), max_pixels=10**7)

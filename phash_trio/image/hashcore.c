@@ -247,8 +247,39 @@ static void idct_small(const int32_t *d, uint8_t *out, size_t stride) {
     idct_any(d, out, stride, 1);
 }
 
+/*
+ * The full transform, laid out for the vectoriser: pass 1 runs over the 8 columns u at once
+ * (lanes u), the intermediate is transposed, pass 2 runs over the 8 rows y at once (lanes y),
+ * then a transposing, clamping store. Integer operations only, so every lane computes exactly
+ * what the scalar macro computes (wrapping like Rust's release build: -fwrapv).
+ */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__GLIBC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 static void idct_full(const int32_t *d, uint8_t *out, size_t stride) {
-    idct_any(d, out, stride, 0);
+    int32_t rows[64], cols[64], pixels[64];
+    for (int u = 0; u < 8; u++) { /* rows[y * 8 + u] */
+        IDCT_1D(d[u], d[8 + u], d[16 + u], d[24 + u], d[32 + u], d[40 + u], d[48 + u],
+                d[56 + u], ROW_BIAS, 10, rows[u], rows[8 + u], rows[16 + u], rows[24 + u],
+                rows[32 + u], rows[40 + u], rows[48 + u], rows[56 + u]);
+    }
+    for (int y = 0; y < 8; y++) {
+        for (int u = 0; u < 8; u++) {
+            cols[u * 8 + y] = rows[y * 8 + u];
+        }
+    }
+    for (int y = 0; y < 8; y++) { /* pixels[x * 8 + y] */
+        IDCT_1D(cols[y], cols[8 + y], cols[16 + y], cols[24 + y], cols[32 + y], cols[40 + y],
+                cols[48 + y], cols[56 + y], COL_BIAS, 17, pixels[y], pixels[8 + y],
+                pixels[16 + y], pixels[24 + y], pixels[32 + y], pixels[40 + y], pixels[48 + y],
+                pixels[56 + y]);
+    }
+    for (int y = 0; y < 8; y++) {
+        uint8_t *row = out + y * stride;
+        for (int x = 0; x < 8; x++) {
+            row[x] = clamp_u8(pixels[x * 8 + y]);
+        }
+    }
 }
 
 /* Any block: the DC shortcut when all 63 AC are zero (same result as the full transform). */
@@ -1372,6 +1403,33 @@ done:
     return result;
 }
 
+/* idct(dequantised int32 blocks, n*64 in natural order) -> bytearray of n 8x8 blocks. */
+static PyObject *idct(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*", &view)) {
+        return NULL;
+    }
+    if (view.len % (64 * (Py_ssize_t)sizeof(int32_t))) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "idct: need whole blocks of 64 int32");
+        return NULL;
+    }
+    Py_ssize_t blocks = view.len / (64 * (Py_ssize_t)sizeof(int32_t));
+    PyObject *result = PyByteArray_FromStringAndSize(NULL, blocks * 64);
+    if (result != NULL) {
+        uint8_t *out = (uint8_t *)PyByteArray_AS_STRING(result);
+        const int32_t *d = view.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < blocks; i++) {
+            idct_dequantised(d + 64 * i, out + 64 * i, 8);
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&view);
+    return result;
+}
+
 /* luma(rgb buffer (n*3 bytes)) -> bytearray of n: to_luma8 of 8-bit RGB. */
 static PyObject *luma(PyObject *self, PyObject *args) {
     Py_buffer view;
@@ -1591,6 +1649,7 @@ static PyMethodDef methods[] = {
     {"assemble", assemble, METH_VARARGS,
      "assemble(planes, width, height, model, want) -> bytearray"},
     {"luma", luma, METH_VARARGS, "luma(rgb) -> bytearray: image-rs to_luma8 of RGB8"},
+    {"idct", idct, METH_VARARGS, "idct(int32 blocks) -> bytearray: zune's IDCT per block"},
     {"resize_gray", resize_gray, METH_VARARGS,
      "resize_gray(gray, width, height, out_width, out_height) -> bytearray"},
     {"mean_hash", mean_hash, METH_VARARGS, "mean_hash(gray, width, height) -> int"},
