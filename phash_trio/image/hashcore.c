@@ -1521,6 +1521,17 @@ static float *make_taps(size_t n, size_t out, Taps *taps) {
     return block;
 }
 
+/* acc[x] += row[x] * weight for every column: each lane is one of Rust's sequential sums. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__GLIBC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void accumulate_row(float *restrict acc, const uint8_t *restrict row, size_t w,
+                           float weight) {
+    for (size_t x = 0; x < w; x++) {
+        acc[x] = acc[x] + (float)row[x] * weight;
+    }
+}
+
 /* imageops::resize(gray, out_w, out_h, Lanczos3): vertical pass into f32, then horizontal. */
 static int resize_u8(const uint8_t *src, size_t w, size_t h, size_t out_w, size_t out_h,
                      uint8_t *dst) {
@@ -1539,11 +1550,7 @@ static int resize_u8(const uint8_t *src, size_t w, size_t h, size_t out_w, size_
         float *acc = mid + o * w;
         for (size_t x = 0; x < w; x++) acc[x] = 0.0f;
         for (size_t i = 0; i < vt[o].count; i++) {
-            const uint8_t *row = src + (vt[o].left + i) * w;
-            float weight = vt[o].weights[i];
-            for (size_t x = 0; x < w; x++) {
-                acc[x] = acc[x] + (float)row[x] * weight;
-            }
+            accumulate_row(acc, src + (vt[o].left + i) * w, w, vt[o].weights[i]);
         }
     }
     for (size_t y = 0; y < out_h; y++) {
