@@ -94,6 +94,10 @@ def test_memory_limit_is_checked_before_allocating(golden_dir: Path) -> None:
         hashcore.decode_baseline(structure.stream, 10_000)
     with pytest.raises(JpegTooLargeError, match="limit"):
         decode_jpeg(_read(golden_dir, _HOPPER), max_memory=30_000)
+    with pytest.raises(JpegTooLargeError, match="output alone"):
+        decode_jpeg(_read(golden_dir, _HOPPER), max_memory=100)
+    with pytest.raises(hashcore.MemoryLimitError):
+        hashcore.decode_baseline(structure.stream, -1)
 
 
 def test_zune_port_and_libjpeg_agree_on_intact_files(golden_dir: Path) -> None:

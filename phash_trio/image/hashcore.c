@@ -381,6 +381,8 @@ static PyObject *decode_planes(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*L|i", &data, &max_memory, &mode)) {
         return NULL;
     }
+    max_memory = max_memory < 0 ? 0 : max_memory; /* 0 would mean "no limit" to libjpeg: */
+    max_memory = max_memory == 0 ? 1 : max_memory; /* our estimate below refuses it first */
     Reader *r = PyMem_Calloc(1, sizeof(Reader));
     Output *out = PyMem_Calloc(1, sizeof(Output));
     PyObject *buffers[4] = {NULL, NULL, NULL, NULL};
@@ -1019,6 +1021,7 @@ static PyObject *decode_baseline(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*L", &data, &max_memory)) {
         return NULL;
     }
+    max_memory = max_memory < 0 ? 0 : max_memory;
     PyObject *result = NULL;
     PyObject *buffers[4] = {NULL, NULL, NULL, NULL};
     uint8_t *planes[4] = {NULL, NULL, NULL, NULL};

@@ -92,6 +92,13 @@ def decode_jpeg(
     structure = read_structure(bytes(data), max_pixels=max_pixels)
     channels = 3 if want == "rgb" else 1
     budget = max_memory - structure.width * structure.height * channels
+    if budget <= 0:
+        raise JpegTooLargeError(
+            structure.width,
+            structure.height,
+            max_pixels,
+            reason=f"JPEG output alone needs more than the {max_memory >> 20} MB memory limit",
+        )
     if not structure.complete:
         _check_scan_was_complete(structure, budget)
     planes, stop = _planes(structure, budget)
