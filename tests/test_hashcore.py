@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from phash_trio.image import hashcore
-from phash_trio.image.jpeg.coeffs import block_dims, read_baseline, read_planes
+from phash_trio.image.jpeg.coeffs import block_dims, read_baseline, read_planes, read_progressive
 from phash_trio.image.jpeg.decoder import (
     JpegDecodeError,
     JpegTooLargeError,
@@ -161,10 +161,64 @@ def test_compiled_idct_matches_zunes_scalar_transform() -> None:
         assert pixels.tolist() == _stb_idct([int(c) for c in block])
 
 
-def test_progressive_files_go_to_libjpeg(golden_dir: Path) -> None:
+def test_progressive_files_are_outside_the_baseline_port(golden_dir: Path) -> None:
     """The zune port models single-scan baseline only: progressive is outside (None)."""
     structure = read_structure(_read(golden_dir, _PROGRESSIVE), max_pixels=10**7)
     assert read_baseline(structure) is None
+
+
+def _progressive_names(golden_dir: Path) -> list[str]:
+    names = []
+    for path in sorted((golden_dir / "images").rglob("*")):
+        if path.suffix.lower() in {".jpg", ".jpeg", ".mpo"}:
+            try:
+                structure = read_structure(path.read_bytes(), max_pixels=10**7)
+            except JpegDecodeError:
+                continue
+            if structure.progressive:
+                names.append(str(path.relative_to(golden_dir / "images")))
+    return names
+
+
+def test_progressive_decoder_gives_libjpegs_blocks(golden_dir: Path) -> None:
+    """Every intact progressive file of the subset: the compiled decoder == libjpeg, block for block."""
+    names = _progressive_names(golden_dir)
+    assert len(names) >= 10
+    for name in names:
+        structure = read_structure(_read(golden_dir, name), max_pixels=10**7)
+        ours = read_progressive(structure)
+        assert ours is not None, name
+        libjpeg = read_planes(structure)
+        for mine, theirs, (rows, cols) in zip(
+            ours, libjpeg.planes, block_dims(structure), strict=True
+        ):
+            coded = (slice(0, rows * 8), slice(0, cols * 8))
+            assert np.array_equal(mine[coded], theirs[coded]), name
+
+
+def test_damaged_progressive_files_fall_back_to_libjpeg(golden_dir: Path) -> None:
+    """Where the progressive decoder finds anything odd it declines and libjpeg decodes."""
+    original = _read(golden_dir, _PROGRESSIVE)
+    first_scan = original.index(b"\xff\xda", original.index(b"\xff\xc2"))
+    rng = np.random.default_rng(5)
+    declined = decoded = 0
+    for _ in range(100):
+        data = bytearray(original)
+        for _ in range(4):
+            data[int(rng.integers(first_scan + 20, len(data) - 2))] = int(rng.integers(255))
+        try:
+            structure = read_structure(bytes(data), max_pixels=10**7)
+        except JpegDecodeError:
+            continue
+        if read_progressive(structure) is None:
+            declined += 1
+            try:
+                pixels = decode_jpeg(bytes(data))
+            except JpegDecodeError:  # libjpeg refused it (e.g. a damaged scan header)
+                continue
+            assert pixels.shape == (structure.height, structure.width)
+            decoded += 1
+    assert declined > 5 and decoded > 0
 
 
 @pytest.mark.parametrize(("name", "min_stops"), [(_HOPPER, 10), (_RESTARTS, 0)])

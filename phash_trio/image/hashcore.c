@@ -1107,6 +1107,564 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------ progressive decoder */
+/*
+ * Progressive JPEGs (libjpeg's jdphuff.c algorithm: DC first/refine, AC first/refine with EOB
+ * runs, restarts), entropy-decoded here rather than by libjpeg-turbo because its progressive
+ * path is the slowest step of a photo. Intact files give libjpeg's coefficients exactly (the
+ * tests compare them file by file). Anything unusual -- a bad Huffman code, a missing table,
+ * a marker where a restart should be, an out-of-range position -- returns "outside" and the
+ * caller decodes the file with libjpeg as before, so damaged progressive files keep libjpeg's
+ * reading of them.
+ */
+typedef struct {
+    int width, height, count, max_h, max_v;
+    int ident[4], h[4], v[4], tq[4];
+    int32_t quant[4][64];
+    int quant_defined[4];
+    Huffman dc[4], ac[4];
+    int restart_interval;
+    size_t mcu_cols, mcu_rows;
+    size_t coded_cols[4], coded_rows[4]; /* blocks a non-interleaved scan codes */
+    size_t grid_cols[4], grid_rows[4];   /* blocks of whole MCUs (>= coded) */
+    size_t plane_rows[4], plane_cols[4];
+    size_t after_frame; /* first byte after the SOF segment */
+} Progressive;
+
+static const uint8_t ZIGZAG_NATURAL[64] = {
+    0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,
+    12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,  7,  14, 21, 28,
+    35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51,
+    58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+};
+
+/* One table segment (DQT, DHT, DRI) into the state; PARSE_OUTSIDE if malformed. */
+static int progressive_table(Progressive *pg, int code, const uint8_t *body, size_t size) {
+    if (code == 0xDB) {
+        size_t k = 0;
+        while (k < size) {
+            int precision = body[k] >> 4, slot = body[k] & 15;
+            size_t need = 1 + (precision ? 128 : 64);
+            if (slot > 3 || k + need > size) {
+                return PARSE_OUTSIDE;
+            }
+            for (int i = 0; i < 64; i++) {
+                pg->quant[slot][ZIGZAG_NATURAL[i]] =
+                    precision ? be16(body + k + 1 + 2 * i) : body[k + 1 + i];
+            }
+            pg->quant_defined[slot] = 1;
+            k += need;
+        }
+        return PARSE_OK;
+    }
+    if (code == 0xC4) {
+        size_t k = 0;
+        while (k + 17 <= size) {
+            int index = body[k];
+            const uint8_t *counts = body + k + 1;
+            int total = 0;
+            for (int i = 0; i < 16; i++) {
+                total += counts[i];
+            }
+            if (total > 256 || k + 17 + (size_t)total > size || (index & 15) > 3) {
+                return PARSE_OUTSIDE;
+            }
+            int is_dc = !(index & 0x10);
+            Huffman *t = is_dc ? &pg->dc[index & 3] : &pg->ac[index & 3];
+            if (huffman_build(t, counts, body + k + 17, total, is_dc) != 0) {
+                return PARSE_OUTSIDE;
+            }
+            k += 17 + (size_t)total;
+        }
+        return k == size ? PARSE_OK : PARSE_OUTSIDE;
+    }
+    if (code == 0xDD) {
+        if (size != 2) {
+            return PARSE_OUTSIDE;
+        }
+        pg->restart_interval = be16(body);
+        return PARSE_OK;
+    }
+    return PARSE_OUTSIDE;
+}
+
+/* Segments up to and including SOF2; geometry. */
+static int progressive_parse(Progressive *pg, const uint8_t *d, size_t n) {
+    size_t at = 2;
+    if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) {
+        return PARSE_OUTSIDE;
+    }
+    for (;;) {
+        if (at + 4 > n || d[at] != 0xFF) {
+            return PARSE_OUTSIDE;
+        }
+        int code = d[at + 1];
+        size_t length = (size_t)be16(d + at + 2);
+        if (length < 2 || at + 2 + length > n) {
+            return PARSE_OUTSIDE;
+        }
+        const uint8_t *body = d + at + 4;
+        size_t size = length - 2;
+        at += 2 + length;
+        if (code == 0xC2) {
+            if (size < 6 || body[0] != 8) {
+                return PARSE_OUTSIDE;
+            }
+            pg->height = be16(body + 1);
+            pg->width = be16(body + 3);
+            pg->count = body[5];
+            if (pg->count < 1 || pg->count > 4 || size != 6 + 3 * (size_t)pg->count
+                || pg->width == 0 || pg->height == 0) {
+                return PARSE_OUTSIDE;
+            }
+            for (int c = 0; c < pg->count; c++) {
+                pg->ident[c] = body[6 + 3 * c];
+                pg->h[c] = body[7 + 3 * c] >> 4;
+                pg->v[c] = body[7 + 3 * c] & 15;
+                pg->tq[c] = body[8 + 3 * c];
+                if (pg->h[c] < 1 || pg->h[c] > 4 || pg->v[c] < 1 || pg->v[c] > 4
+                    || pg->tq[c] > 3) {
+                    return PARSE_OUTSIDE;
+                }
+            }
+            pg->after_frame = at;
+            break;
+        }
+        if (progressive_table(pg, code, body, size) != PARSE_OK) {
+            return PARSE_OUTSIDE;
+        }
+    }
+    pg->max_h = pg->max_v = 1;
+    for (int c = 0; c < pg->count; c++) {
+        pg->max_h = pg->h[c] > pg->max_h ? pg->h[c] : pg->max_h;
+        pg->max_v = pg->v[c] > pg->max_v ? pg->v[c] : pg->max_v;
+    }
+    size_t w = (size_t)pg->width, hh = (size_t)pg->height;
+    if (pg->count == 1) {
+        pg->mcu_cols = (w + 7) / 8;
+        pg->mcu_rows = (hh + 7) / 8;
+        pg->coded_cols[0] = pg->grid_cols[0] = pg->mcu_cols;
+        pg->coded_rows[0] = pg->grid_rows[0] = pg->mcu_rows;
+    } else {
+        pg->mcu_cols = (w + 8 * pg->max_h - 1) / (8 * (size_t)pg->max_h);
+        pg->mcu_rows = (hh + 8 * pg->max_v - 1) / (8 * (size_t)pg->max_v);
+        for (int c = 0; c < pg->count; c++) {
+            pg->coded_cols[c] = (w * pg->h[c] + 8 * pg->max_h - 1) / (8 * (size_t)pg->max_h);
+            pg->coded_rows[c] = (hh * pg->v[c] + 8 * pg->max_v - 1) / (8 * (size_t)pg->max_v);
+            pg->grid_cols[c] = pg->mcu_cols * pg->h[c];
+            pg->grid_rows[c] = pg->mcu_rows * pg->v[c];
+        }
+    }
+    for (int c = 0; c < pg->count; c++) {
+        pg->plane_cols[c] = pg->grid_cols[c] * 8;
+        pg->plane_rows[c] = pg->grid_rows[c] * 8;
+    }
+    return PARSE_OK;
+}
+
+/* n bits (n <= 16) or -1 when the data ran out. */
+static inline int32_t bits_get(Bits *b, int n) {
+    if (n == 0) {
+        return 0;
+    }
+    if (b->bits < n && (bits_refill(b) != BITS_OK || b->bits < n)) {
+        return -1;
+    }
+    int32_t value = (int32_t)bits_peek(b, n);
+    bits_drop(b, n);
+    return value;
+}
+
+static inline int prog_symbol(Bits *b, const Huffman *t) {
+    if (b->bits < 16 && bits_refill(b) != BITS_OK) {
+        return -1;
+    }
+    return bits_symbol(b, t, t->lookup[bits_peek(b, LOOK)]);
+}
+
+typedef struct {
+    int comps, ci[4], td[4], ta[4];
+    int ss, se, ah, al;
+} ScanHeader;
+
+/* One block of one scan; BITS_OK, or BITS_STOP for anything unusual. */
+static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int k_index,
+                      int16_t *coef, uint64_t *nonzero, int32_t *eobrun, int32_t *dc_pred) {
+    if (sh->ss == 0) {
+        if (sh->ah == 0) {
+            int s = prog_symbol(b, &pg->dc[sh->td[k_index]]);
+            if (s < 0 || s > 15) {
+                return BITS_STOP;
+            }
+            int32_t r = bits_get(b, s);
+            if (r < 0) {
+                return BITS_STOP;
+            }
+            *dc_pred += s ? huff_extend(r, s) : 0;
+            coef[0] = (int16_t)(int32_t)((uint32_t)*dc_pred << sh->al);
+        } else {
+            int32_t bit = bits_get(b, 1);
+            if (bit < 0) {
+                return BITS_STOP;
+            }
+            if (bit) {
+                coef[0] = (int16_t)(coef[0] | (1 << sh->al));
+            }
+        }
+        return BITS_OK;
+    }
+    const Huffman *ac = &pg->ac[sh->ta[k_index]];
+    if (sh->ah == 0) {
+        if (*eobrun > 0) {
+            (*eobrun)--;
+            return BITS_OK;
+        }
+        for (int k = sh->ss; k <= sh->se; k++) {
+            int rs = prog_symbol(b, ac);
+            if (rs < 0) {
+                return BITS_STOP;
+            }
+            int r = rs >> 4, s = rs & 15;
+            if (s) {
+                k += r;
+                int32_t value = bits_get(b, s);
+                if (k > 63 || value < 0) {
+                    return BITS_STOP;
+                }
+                int16_t stored = (int16_t)(int32_t)((uint32_t)huff_extend(value, s) << sh->al);
+                coef[ZIGZAG_NATURAL[k]] = stored;
+                *nonzero |= (uint64_t)(stored != 0) << k;
+            } else if (r == 15) {
+                k += 15;
+            } else {
+                int32_t extra = bits_get(b, r);
+                if (extra < 0) {
+                    return BITS_STOP;
+                }
+                *eobrun = (1 << r) + extra - 1;
+                break;
+            }
+        }
+        return BITS_OK;
+    }
+    /* AC refinement (jdphuff.c decode_mcu_AC_refine) */
+    int16_t p1 = (int16_t)(1 << sh->al), m1 = (int16_t)(-1 * (1 << sh->al));
+    int k = sh->ss;
+    if (*eobrun == 0) {
+        for (; k <= sh->se; k++) {
+            int rs = prog_symbol(b, ac);
+            if (rs < 0) {
+                return BITS_STOP;
+            }
+            int r = rs >> 4, s = rs & 15;
+            int16_t value = 0;
+            if (s) {
+                if (s != 1) {
+                    return BITS_STOP;
+                }
+                int32_t sign = bits_get(b, 1);
+                if (sign < 0) {
+                    return BITS_STOP;
+                }
+                value = sign ? p1 : m1;
+            } else if (r != 15) {
+                int32_t extra = bits_get(b, r);
+                if (extra < 0) {
+                    return BITS_STOP;
+                }
+                *eobrun = (1 << r) + extra;
+                break;
+            }
+            do {
+                int16_t *c = coef + ZIGZAG_NATURAL[k];
+                if (*c != 0) {
+                    int32_t bit = bits_get(b, 1);
+                    if (bit < 0) {
+                        return BITS_STOP;
+                    }
+                    if (bit && (*c & p1) == 0) {
+                        *c = (int16_t)(*c >= 0 ? *c + p1 : *c + m1);
+                    }
+                } else if (--r < 0) {
+                    break;
+                }
+                k++;
+            } while (k <= sh->se);
+            if (s) {
+                if (k > 63) {
+                    return BITS_STOP;
+                }
+                coef[ZIGZAG_NATURAL[k]] = value;
+                *nonzero |= 1ull << k;
+            }
+        }
+    }
+    if (*eobrun > 0) {
+        /* only the coefficients already nonzero take a correction bit: walk the mask of
+           positions k..se (ascending, as the plain loop would), not all 64 coefficients */
+        if (k <= sh->se) {
+            uint64_t band = (sh->se == 63 ? ~0ull : ((1ull << (sh->se + 1)) - 1)) & (~0ull << k);
+            uint64_t todo = *nonzero & band;
+            while (todo) {
+                int at = __builtin_ctzll(todo);
+                todo &= todo - 1;
+                int16_t *c = coef + ZIGZAG_NATURAL[at];
+                int32_t bit = bits_get(b, 1);
+                if (bit < 0) {
+                    return BITS_STOP;
+                }
+                if (bit && (*c & p1) == 0) {
+                    *c = (int16_t)(*c >= 0 ? *c + p1 : *c + m1);
+                }
+            }
+        }
+        (*eobrun)--;
+    }
+    return BITS_OK;
+}
+
+/* Decode every scan into coefs[c] ((grid_rows, grid_cols, 64) int16, zeroed). */
+static int progressive_run(Progressive *pg, const uint8_t *d, size_t n, int16_t **coefs,
+                           uint64_t **masks) {
+    size_t at = pg->after_frame;
+    for (;;) {
+        /* segments up to the next SOS, or EOI */
+        if (at + 2 > n || d[at] != 0xFF) {
+            return RUN_OUTSIDE;
+        }
+        int code = d[at + 1];
+        if (code == 0xD9) {
+            return RUN_DONE;
+        }
+        if (at + 4 > n) {
+            return RUN_OUTSIDE;
+        }
+        size_t length = (size_t)be16(d + at + 2);
+        if (length < 2 || at + 2 + length > n) {
+            return RUN_OUTSIDE;
+        }
+        const uint8_t *body = d + at + 4;
+        size_t size = length - 2;
+        at += 2 + length;
+        if (code != 0xDA) {
+            if (progressive_table(pg, code, body, size) != PARSE_OK) {
+                return RUN_OUTSIDE;
+            }
+            continue;
+        }
+        ScanHeader sh;
+        sh.comps = size >= 1 ? body[0] : 0;
+        if (sh.comps < 1 || sh.comps > 4 || size != 4 + 2 * (size_t)sh.comps) {
+            return RUN_OUTSIDE;
+        }
+        int last = -1;
+        for (int i = 0; i < sh.comps; i++) {
+            int found = -1;
+            for (int c = 0; c < pg->count; c++) {
+                found = pg->ident[c] == body[1 + 2 * i] ? c : found;
+            }
+            if (found <= last) {
+                return RUN_OUTSIDE; /* unknown, repeated or out of frame order */
+            }
+            last = found;
+            sh.ci[i] = found;
+            sh.td[i] = body[2 + 2 * i] >> 4;
+            sh.ta[i] = body[2 + 2 * i] & 15;
+        }
+        sh.ss = body[1 + 2 * sh.comps];
+        sh.se = body[2 + 2 * sh.comps];
+        sh.ah = body[3 + 2 * sh.comps] >> 4;
+        sh.al = body[3 + 2 * sh.comps] & 15;
+        if (sh.al > 13 || sh.se > 63 || sh.ss > sh.se || (sh.ss == 0 && sh.se != 0)
+            || (sh.ss > 0 && sh.comps != 1)) {
+            return RUN_OUTSIDE;
+        }
+        for (int i = 0; i < sh.comps; i++) {
+            if (sh.td[i] > 3 || sh.ta[i] > 3
+                || (sh.ss == 0 && sh.ah == 0 && !pg->dc[sh.td[i]].defined)
+                || (sh.ss > 0 && !pg->ac[sh.ta[i]].defined)) {
+                return RUN_OUTSIDE;
+            }
+        }
+        Bits b = {.data = d, .size = n, .pos = at, .marker = -1};
+        int32_t dc_pred[4] = {0, 0, 0, 0};
+        int32_t eobrun = 0;
+        int interval = pg->restart_interval, todo = interval;
+        int interleaved = sh.comps > 1;
+        size_t rows, cols;
+        if (interleaved) {
+            rows = pg->mcu_rows;
+            cols = pg->mcu_cols;
+        } else {
+            rows = pg->coded_rows[sh.ci[0]];
+            cols = pg->coded_cols[sh.ci[0]];
+        }
+        for (size_t row = 0; row < rows; row++) {
+            for (size_t col = 0; col < cols; col++) {
+                if (interleaved) {
+                    for (int i = 0; i < sh.comps; i++) {
+                        int c = sh.ci[i];
+                        for (int y = 0; y < pg->v[c]; y++) {
+                            for (int x = 0; x < pg->h[c]; x++) {
+                                size_t by = row * pg->v[c] + y, bx = col * pg->h[c] + x;
+                                size_t at_block = by * pg->grid_cols[c] + bx;
+                                if (prog_block(&b, pg, &sh, i, coefs[c] + at_block * 64,
+                                               masks[c] + at_block, &eobrun, &dc_pred[c])
+                                    != BITS_OK) {
+                                    return RUN_OUTSIDE;
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    int c = sh.ci[0];
+                    size_t at_block = row * pg->grid_cols[c] + col;
+                    if (prog_block(&b, pg, &sh, 0, coefs[c] + at_block * 64, masks[c] + at_block,
+                                   &eobrun, &dc_pred[c])
+                        != BITS_OK) {
+                        return RUN_OUTSIDE;
+                    }
+                }
+                if (interval && --todo == 0 && !(row == rows - 1 && col == cols - 1)) {
+                    /* the next bytes must be an RSTn marker */
+                    if (b.marker < 0) {
+                        b.marker = bits_next_marker(&b);
+                    }
+                    if (!(b.marker >= 0xD0 && b.marker <= 0xD7)) {
+                        return RUN_OUTSIDE;
+                    }
+                    b.acc = 0;
+                    b.bits = 0;
+                    b.marker = -1;
+                    dc_pred[0] = dc_pred[1] = dc_pred[2] = dc_pred[3] = 0;
+                    eobrun = 0;
+                    todo = interval;
+                }
+            }
+        }
+        if (eobrun > 0) {
+            return RUN_OUTSIDE; /* an EOB run past the end of the scan */
+        }
+        /* the scan ends at the next marker: find it, point `at` at its 0xFF */
+        if (b.marker < 0) {
+            b.marker = bits_next_marker(&b);
+        }
+        if (b.marker < 0 || (b.marker >= 0xD0 && b.marker <= 0xD7)) {
+            return RUN_OUTSIDE;
+        }
+        at = b.pos - 2;
+        while (at > 0 && d[at] != 0xFF) {
+            at--;
+        }
+    }
+}
+
+/* decode_progressive(data, max_memory) -> None (outside the model) or
+   (width, height, [(h, v, rows, cols, bytearray, b"")], None) */
+static PyObject *decode_progressive(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    long long max_memory;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*L", &data, &max_memory)) {
+        return NULL;
+    }
+    max_memory = max_memory < 0 ? 0 : max_memory;
+    PyObject *result = NULL;
+    PyObject *buffers[4] = {NULL, NULL, NULL, NULL};
+    uint8_t *planes[4] = {NULL, NULL, NULL, NULL};
+    int16_t *coefs[4] = {NULL, NULL, NULL, NULL};
+    uint64_t *masks[4] = {NULL, NULL, NULL, NULL}; /* per block: zig-zag positions != 0 */
+    Progressive *pg = PyMem_Calloc(1, sizeof(Progressive));
+    if (pg == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = progressive_parse(pg, data.buf, (size_t)data.len);
+    Py_END_ALLOW_THREADS
+    if (status != PARSE_OK) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    size_t needed = 0;
+    for (int c = 0; c < pg->count; c++) {
+        needed += pg->plane_rows[c] * pg->plane_cols[c] * 3; /* plane + int16 coefficients */
+    }
+    if (needed > (size_t)max_memory) {
+        PyErr_Format(MemoryLimit, "decoding needs %zu MB, limit %lld MB", needed >> 20,
+                     max_memory >> 20);
+        goto done;
+    }
+    for (int c = 0; c < pg->count; c++) {
+        size_t samples = pg->plane_rows[c] * pg->plane_cols[c];
+        buffers[c] = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)samples);
+        coefs[c] = PyMem_RawCalloc(samples, sizeof(int16_t));
+        masks[c] = PyMem_RawCalloc(samples / 64, sizeof(uint64_t));
+        if (buffers[c] == NULL || coefs[c] == NULL || masks[c] == NULL) {
+            if (buffers[c] != NULL) {
+                PyErr_NoMemory();
+            }
+            goto done;
+        }
+        planes[c] = (uint8_t *)PyByteArray_AS_STRING(buffers[c]);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = progressive_run(pg, data.buf, (size_t)data.len, coefs, masks);
+    if (status == RUN_DONE) {
+        for (int c = 0; c < pg->count; c++) {
+            const int32_t *q = pg->quant[pg->tq[c]];
+            for (size_t by = 0; by < pg->grid_rows[c]; by++) {
+                for (size_t bx = 0; bx < pg->grid_cols[c]; bx++) {
+                    const int16_t *coef = coefs[c] + (by * pg->grid_cols[c] + bx) * 64;
+                    int32_t block[64];
+                    for (int i = 0; i < 64; i++) {
+                        block[i] = (int32_t)coef[i] * q[i];
+                    }
+                    idct_dequantised(block, planes[c] + by * 8 * pg->plane_cols[c] + bx * 8,
+                                     pg->plane_cols[c]);
+                }
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (status != RUN_DONE || !pg->quant_defined[pg->tq[0]]) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    for (int c = 0; c < pg->count; c++) {
+        if (!pg->quant_defined[pg->tq[c]]) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+    }
+    PyObject *list = PyList_New(pg->count);
+    if (list == NULL) {
+        goto done;
+    }
+    for (int c = 0; c < pg->count; c++) {
+        PyObject *item = Py_BuildValue("(iinnOy#)", pg->h[c], pg->v[c],
+                                       (Py_ssize_t)pg->plane_rows[c],
+                                       (Py_ssize_t)pg->plane_cols[c], buffers[c], "",
+                                       (Py_ssize_t)0);
+        if (item == NULL) {
+            Py_DECREF(list);
+            goto done;
+        }
+        PyList_SET_ITEM(list, c, item);
+    }
+    result = Py_BuildValue("(iiNO)", pg->width, pg->height, list, Py_None);
+done:
+    for (int c = 0; c < 4; c++) {
+        Py_XDECREF(buffers[c]);
+        PyMem_RawFree(coefs[c]);
+        PyMem_RawFree(masks[c]);
+    }
+    PyMem_Free(pg);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 /* ------------------------------------------------------------------ upsampling + colour */
 
 enum { MODEL_LUMA = 0, MODEL_YCBCR = 1, MODEL_RGB = 2, MODEL_CMYK = 3, MODEL_YCCK = 4 };
@@ -1656,6 +2214,8 @@ static PyMethodDef methods[] = {
      "decode_planes(data, max_memory, mode=0) -> (width, height, components, corrupt)"},
     {"decode_baseline", decode_baseline, METH_VARARGS,
      "decode_baseline(data, max_memory) -> None or (width, height, components, stop)"},
+    {"decode_progressive", decode_progressive, METH_VARARGS,
+     "decode_progressive(data, max_memory) -> None or (width, height, components, None)"},
     {"assemble", assemble, METH_VARARGS,
      "assemble(planes, width, height, model, want) -> bytearray"},
     {"luma", luma, METH_VARARGS, "luma(rgb) -> bytearray: image-rs to_luma8 of RGB8"},

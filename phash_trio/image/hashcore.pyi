@@ -32,6 +32,9 @@ def decode_baseline(
     tuple[int, int, list[tuple[int, int, int, int, bytearray, bytes]], tuple[int, int, int] | None]
     | None
 ): ...
+def decode_progressive(
+    data: Buffer, max_memory: int, /
+) -> tuple[int, int, list[tuple[int, int, int, int, bytearray, bytes]], None] | None: ...
 def assemble(
     planes: Sequence[tuple[Buffer, int, int, int, int]],
     width: int,

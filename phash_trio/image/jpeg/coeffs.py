@@ -1,4 +1,9 @@
-"""Entropy decoding through libjpeg-turbo's public API, in the compiled core.
+"""Entropy decoding in the compiled core: zune's baseline decoder, our progressive one, libjpeg.
+
+Single-scan baseline images go through the port of zune-jpeg's own decoder
+(:func:`read_baseline`), intact progressive ones through the compiled progressive decoder
+(:func:`read_progressive`, libjpeg's algorithm and results, faster); everything else, and any
+progressive file that decoder finds unusual, through libjpeg-turbo as described below.
 
 The quantised DCT coefficients are the same whatever decoder produces them, so libjpeg-turbo
 (the system's, through ``jpeglib.h``) reads them; :mod:`phash_trio.image.hashcore` calls
@@ -33,6 +38,7 @@ __all__ = [
     "read_baseline",
     "read_coefficients",
     "read_planes",
+    "read_progressive",
 ]
 
 #: Bytes one decode may allocate (coefficients, planes, output); issue 9 allows 400 MB a worker.
@@ -66,6 +72,31 @@ class BaselinePlanes:
     planes: tuple[npt.NDArray[np.uint8], ...]
     """Writable, one per component, padded to whole MCUs."""
     stop: ZuneStop | None
+
+
+def read_progressive(
+    structure: JpegStructure, *, max_memory: int = DEFAULT_MAX_MEMORY
+) -> tuple[npt.NDArray[np.uint8], ...] | None:
+    """Padded planes of a progressive image from the compiled progressive decoder.
+
+    None when the file is unusual in any way (a bad code, a missing table, a lost restart
+    marker...): the caller then uses libjpeg (:func:`read_planes`), as for damaged files before.
+    """
+    try:
+        decoded = hashcore.decode_progressive(structure.stream, max_memory)
+    except hashcore.MemoryLimitError as exc:
+        raise JpegTooLargeError(
+            structure.width, structure.height, 0, reason=f"JPEG {exc}"
+        ) from None
+    if decoded is None:
+        return None
+    width, height, parts, _ = decoded
+    if (width, height) != (structure.width, structure.height):
+        raise JpegFormatError("the progressive decoder read a different frame")
+    return tuple(
+        np.frombuffer(buffer, dtype=np.uint8).reshape(rows, cols)
+        for _, _, rows, cols, buffer, _ in parts
+    )
 
 
 def read_baseline(

@@ -36,7 +36,13 @@ import numpy.typing as npt
 
 from phash_trio.image import hashcore
 
-from .coeffs import DEFAULT_MAX_MEMORY, read_baseline, read_coefficients, read_planes
+from .coeffs import (
+    DEFAULT_MAX_MEMORY,
+    read_baseline,
+    read_coefficients,
+    read_planes,
+    read_progressive,
+)
 from .errors import (
     JpegDecodeError,
     JpegFormatError,
@@ -130,10 +136,15 @@ def decode_jpeg(
 def _planes(
     structure: JpegStructure, max_memory: int
 ) -> tuple[list[npt.NDArray[np.uint8]], ZuneStop | None]:
-    """Padded planes from zune's own decoder where it applies, else from libjpeg's coefficients."""
-    baseline = None if structure.progressive else read_baseline(structure, max_memory=max_memory)
-    if baseline is not None:
-        return list(baseline.planes), baseline.stop
+    """Padded planes from our compiled decoders where they apply, else from libjpeg's."""
+    if structure.progressive:
+        progressive = read_progressive(structure, max_memory=max_memory)
+        if progressive is not None:
+            return list(progressive), None
+    else:
+        baseline = read_baseline(structure, max_memory=max_memory)
+        if baseline is not None:
+            return list(baseline.planes), baseline.stop
     return list(read_planes(structure, max_memory=max_memory).planes), None
 
 
