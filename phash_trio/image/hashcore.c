@@ -1289,7 +1289,8 @@ typedef struct {
 
 /* One block of one scan; BITS_OK, or BITS_STOP for anything unusual. */
 static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int k_index,
-                      int16_t *coef, uint64_t *nonzero, int32_t *eobrun, int32_t *dc_pred) {
+                      int16_t *coef, int16_t *dc, uint64_t *nonzero, int32_t *eobrun,
+                      int32_t *dc_pred) {
     if (sh->ss == 0) {
         if (sh->ah == 0) {
             int s = prog_symbol(b, &pg->dc[sh->td[k_index]]);
@@ -1301,14 +1302,14 @@ static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int 
                 return BITS_STOP;
             }
             *dc_pred += s ? huff_extend(r, s) : 0;
-            coef[0] = (int16_t)(int32_t)((uint32_t)*dc_pred << sh->al);
+            *dc = (int16_t)(int32_t)((uint32_t)*dc_pred << sh->al);
         } else {
             int32_t bit = bits_get(b, 1);
             if (bit < 0) {
                 return BITS_STOP;
             }
             if (bit) {
-                coef[0] = (int16_t)(coef[0] | (1 << sh->al));
+                *dc = (int16_t)(*dc | (1 << sh->al));
             }
         }
         return BITS_OK;
@@ -1377,7 +1378,7 @@ static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int 
             }
             do {
                 int16_t *c = coef + ZIGZAG_NATURAL[k];
-                if (*c != 0) {
+                if ((*nonzero >> k) & 1) { /* the mask, not *c: no load for zeros */
                     int32_t bit = bits_get(b, 1);
                     if (bit < 0) {
                         return BITS_STOP;
@@ -1425,7 +1426,7 @@ static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int 
 
 /* Decode every scan into coefs[c] ((grid_rows, grid_cols, 64) int16, zeroed). */
 static int progressive_run(Progressive *pg, const uint8_t *d, size_t n, int16_t **coefs,
-                           uint64_t **masks) {
+                           int16_t **dcs, uint64_t **masks) {
     size_t at = pg->after_frame;
     for (;;) {
         /* segments up to the next SOS, or EOI */
@@ -1509,7 +1510,8 @@ static int progressive_run(Progressive *pg, const uint8_t *d, size_t n, int16_t 
                                 size_t by = row * pg->v[c] + y, bx = col * pg->h[c] + x;
                                 size_t at_block = by * pg->grid_cols[c] + bx;
                                 if (prog_block(&b, pg, &sh, i, coefs[c] + at_block * 64,
-                                               masks[c] + at_block, &eobrun, &dc_pred[c])
+                                               dcs[c] + at_block, masks[c] + at_block, &eobrun,
+                                               &dc_pred[c])
                                     != BITS_OK) {
                                     return RUN_OUTSIDE;
                                 }
@@ -1519,8 +1521,8 @@ static int progressive_run(Progressive *pg, const uint8_t *d, size_t n, int16_t 
                 } else {
                     int c = sh.ci[0];
                     size_t at_block = row * pg->grid_cols[c] + col;
-                    if (prog_block(&b, pg, &sh, 0, coefs[c] + at_block * 64, masks[c] + at_block,
-                                   &eobrun, &dc_pred[c])
+                    if (prog_block(&b, pg, &sh, 0, coefs[c] + at_block * 64, dcs[c] + at_block,
+                                   masks[c] + at_block, &eobrun, &dc_pred[c])
                         != BITS_OK) {
                         return RUN_OUTSIDE;
                     }
@@ -1574,6 +1576,7 @@ static PyObject *decode_progressive(PyObject *self, PyObject *args) {
     uint8_t *planes[4] = {NULL, NULL, NULL, NULL};
     int16_t *coefs[4] = {NULL, NULL, NULL, NULL};
     uint64_t *masks[4] = {NULL, NULL, NULL, NULL}; /* per block: zig-zag positions != 0 */
+    int16_t *dcs[4] = {NULL, NULL, NULL, NULL};     /* per block: DC, kept apart (dense) */
     Progressive *pg = PyMem_Calloc(1, sizeof(Progressive));
     if (pg == NULL) {
         PyErr_NoMemory();
@@ -1589,7 +1592,8 @@ static PyObject *decode_progressive(PyObject *self, PyObject *args) {
     }
     size_t needed = 0;
     for (int c = 0; c < pg->count; c++) {
-        needed += pg->plane_rows[c] * pg->plane_cols[c] * 3; /* plane + int16 coefficients */
+        size_t samples = pg->plane_rows[c] * pg->plane_cols[c];
+        needed += samples * 3 + samples / 64 * 10; /* plane, int16 coefficients, mask + DC */
     }
     if (needed > (size_t)max_memory) {
         PyErr_Format(MemoryLimit, "decoding needs %zu MB, limit %lld MB", needed >> 20,
@@ -1601,7 +1605,8 @@ static PyObject *decode_progressive(PyObject *self, PyObject *args) {
         buffers[c] = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)samples);
         coefs[c] = PyMem_RawCalloc(samples, sizeof(int16_t));
         masks[c] = PyMem_RawCalloc(samples / 64, sizeof(uint64_t));
-        if (buffers[c] == NULL || coefs[c] == NULL || masks[c] == NULL) {
+        dcs[c] = PyMem_RawCalloc(samples / 64, sizeof(int16_t));
+        if (buffers[c] == NULL || coefs[c] == NULL || masks[c] == NULL || dcs[c] == NULL) {
             if (buffers[c] != NULL) {
                 PyErr_NoMemory();
             }
@@ -1610,15 +1615,17 @@ static PyObject *decode_progressive(PyObject *self, PyObject *args) {
         planes[c] = (uint8_t *)PyByteArray_AS_STRING(buffers[c]);
     }
     Py_BEGIN_ALLOW_THREADS
-    status = progressive_run(pg, data.buf, (size_t)data.len, coefs, masks);
+    status = progressive_run(pg, data.buf, (size_t)data.len, coefs, dcs, masks);
     if (status == RUN_DONE) {
         for (int c = 0; c < pg->count; c++) {
             const int32_t *q = pg->quant[pg->tq[c]];
             for (size_t by = 0; by < pg->grid_rows[c]; by++) {
                 for (size_t bx = 0; bx < pg->grid_cols[c]; bx++) {
-                    const int16_t *coef = coefs[c] + (by * pg->grid_cols[c] + bx) * 64;
+                    size_t at_block = by * pg->grid_cols[c] + bx;
+                    const int16_t *coef = coefs[c] + at_block * 64;
                     int32_t block[64];
-                    for (int i = 0; i < 64; i++) {
+                    block[0] = (int32_t)dcs[c][at_block] * q[0];
+                    for (int i = 1; i < 64; i++) {
                         block[i] = (int32_t)coef[i] * q[i];
                     }
                     idct_dequantised(block, planes[c] + by * 8 * pg->plane_cols[c] + bx * 8,
@@ -1659,6 +1666,7 @@ done:
         Py_XDECREF(buffers[c]);
         PyMem_RawFree(coefs[c]);
         PyMem_RawFree(masks[c]);
+        PyMem_RawFree(dcs[c]);
     }
     PyMem_Free(pg);
     PyBuffer_Release(&data);
