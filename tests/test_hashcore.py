@@ -221,16 +221,16 @@ def test_damaged_progressive_files_fall_back_to_libjpeg(golden_dir: Path) -> Non
     assert declined > 5 and decoded > 0
 
 
-@pytest.mark.parametrize(("name", "min_stops"), [(_HOPPER, 10), (_RESTARTS, 0)])
+@pytest.mark.parametrize(("name", "tries", "min_stops"), [(_HOPPER, 150, 10), (_RESTARTS, 40, 0)])
 def test_compiled_stop_matches_the_python_model_under_random_damage(
-    golden_dir: Path, name: str, min_stops: int
+    golden_dir: Path, name: str, tries: int, min_stops: int
 ) -> None:
     """Where the Python walk (the oracle) finds a stop, the compiled decoder stops there too."""
     original = _read(golden_dir, name)
     scan = original.index(b"\xff\xda") + 20
     rng = np.random.default_rng(99)
     compared = stopped = 0
-    for _ in range(150):
+    for _ in range(tries):
         data = bytearray(original)
         for _ in range(int(rng.integers(1, 4))):
             data[int(rng.integers(scan, len(data) - 2))] = int(rng.integers(256))
@@ -245,7 +245,7 @@ def test_compiled_stop_matches_the_python_model_under_random_damage(
         compared += 1
         stopped += compiled.stop is not None
         assert compiled.stop == expected
-    assert compared > 50 and stopped >= min_stops
+    assert compared > tries // 3 and stopped >= min_stops
 
 
 def test_ultra_hdr_decodes_the_primary_image_only(golden_dir: Path) -> None:
