@@ -2,10 +2,11 @@
 
 The mean hash must match hashes computed by Rust ``image_hasher``; libjpeg-based decoders
 (Pillow & co.) differ from zune-jpeg by a level or two on some pixels and so flip hash bits on a
-few percent of photos. We take the quantised coefficients from libjpeg-turbo (they are the same
-in every decoder) and redo zune-jpeg's IDCT, upsampling and colour conversion on them, all in
-the compiled core (:mod:`phash_trio.image.hashcore`; :mod:`.pixels` is the numpy model of the
-same stages, kept as the tests' oracle).
+few percent of photos. The quantised coefficients (the same in every decoder, on intact data)
+come from the compiled core (:mod:`phash_trio.image.hashcore`): a port of zune's own baseline
+entropy decoder, a progressive decoder, or libjpeg-turbo for the rest (see
+:mod:`phash_trio.image.jpeg.coeffs`); zune-jpeg's IDCT, upsampling and colour conversion are
+redone on them there too (:mod:`.pixels` is the numpy model of those stages, the tests' oracle).
 
 ``want="gray"`` (the default) goes straight to image-rs ``to_luma8`` per row, never holding the
 RGB image; ``want="rgb"`` returns (H, W, 3) RGB8 (gray JPEGs replicated), e.g. for PDQ.
@@ -18,10 +19,11 @@ MPO / Ultra HDR file is decoded. EXIF orientation and ICC profiles are ignored, 
 reference.
 
 Corrupt image data: where libjpeg substitutes zero for an undecodable Huffman code and goes on,
-zune-jpeg stops (see :mod:`phash_trio.image.jpeg.zune_walk`). For baseline single-scan images we find
-that point and redo its result: the MCU row it stops in is still output, but its blocks from the
-failing one onward hold whatever zune's one-MCU-row buffers held, the previous MCU row's pixels
-(zeros in the first row); all output rows after it stay at 128. With vertical chroma
+zune-jpeg stops. For baseline single-scan images the zune port stops at the same point (its
+Python model is :mod:`phash_trio.image.jpeg.zune_walk`) and we redo zune's result: the MCU row
+it stops in is still output, but its blocks from the failing one onward hold whatever zune's
+one-MCU-row buffers held, the previous MCU row's pixels (zeros in the first row); all output
+rows after it stay at 128. With vertical chroma
 subsampling (4:2:0, 4:4:0) zune holds back the last ``max_v`` rows of each MCU row until the
 next one arrives, so those rows stay 128 too; the stale chroma blocks feed the upsampling of
 the rows before them exactly as in zune, since we substitute them in the planes first.
