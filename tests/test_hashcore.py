@@ -295,7 +295,13 @@ _COST_PROBE = textwrap.dedent(
     except ImageError as exc:
         outcome = type(exc).__name__
     cpu = time.process_time() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM belongs to this exec's address space; ru_maxrss would carry over the peak of the
+    # (large) pytest process that forked us, since Linux keeps it across execve.
+    try:
+        with open("/proc/self/status") as status:
+            peak = next(int(l.split()[1]) for l in status if l.startswith("VmHWM:")) * 1024
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"outcome": outcome, "cpu": cpu, "peak": peak}))
     """
 )
