@@ -1,9 +1,11 @@
 """Whole-pipeline benchmark: N image posts through the real service, end to end, on loopback.
 
-Usage: python bench/bench_pipeline.py [--posts N] [--concurrency C] [--pace S] [--keep]
+Usage: python bench/bench_pipeline.py [--posts N] [--images photos|demo] [--concurrency C]
+       [--pace S] [--keep]
 
-Builds a capture of N image posts (default 2000) from the bundled demo JPEGs, each blob made a
-distinct file with its own real CID by appending random bytes after the JPEG EOI marker (it
+Builds a capture of N image posts (default 2000) from real photos (``--images photos``, the
+default: bench/data/, 1.6-2.4 MP JPEGs as the CDN serves them) or the small bundled demo JPEGs
+(``--images demo``), each blob made a distinct file with its own real CID by appending random bytes after the JPEG EOI marker (it
 decodes to the same pixels, but no cache can help), starts a temporary redis-server, the local
 network (Jetstream replay, CDN, PDS, PLC, fake Ozone) in this process and ``phash-trio run`` as a
 subprocess with CACHE_ENABLED=false and DRY_RUN=true. Once the service is connected the whole
@@ -60,18 +62,34 @@ JPEGS = (
     "sugarshack.jpg",
     "text.jpg",
 )
+#: Real photos at the CDN's feed_fullsize size (bench/data/SOURCES.md).
+PHOTOS = Path(__file__).resolve().parent / "data"
 POLL = 0.05
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 LATENCY = "phash_decision_latency_seconds"
 
 
-def build_capture(posts: int, seed: int) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+def source_images(kind: str) -> dict[str, bytes]:
+    """The JPEGs the capture re-keys: the bench photos or the decodable demo JPEGs."""
+    if kind == "photos":
+        found = {p.name: p.read_bytes() for p in sorted(PHOTOS.glob("*.jpg"))}
+        if not found:
+            raise SystemExit(f"no photos in {PHOTOS}")
+        return found
+    demo = demo_images()
+    return {name: demo[name] for name in JPEGS}
+
+
+def build_capture(
+    posts: int, seed: int, kind: str = "photos"
+) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """``posts`` one-image posts, every blob a distinct file: the events and blobs by name."""
     rng = random.Random(seed)
-    originals = demo_images()
+    originals = source_images(kind)
+    names = sorted(originals)
     variants: dict[str, bytes] = {}
     for i in range(posts):
-        name = JPEGS[i % len(JPEGS)]
+        name = names[i % len(names)]
         data = originals[name]
         if not data.endswith(b"\xff\xd9"):
             raise SystemExit(f"{name} does not end with a JPEG EOI marker")
@@ -157,6 +175,14 @@ def proc_status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
+def proc_pss_kib(pid: int) -> int:
+    """Proportional set size now (shared library pages split between the processes)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
 def own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
@@ -204,7 +230,7 @@ def hash_only(blobs: list[bytes], threads: int) -> tuple[float, float]:
 
 async def run_pipeline(args: argparse.Namespace, redis_url: str, workdir: Path) -> dict[str, Any]:
     """Run the service over the capture; every measurement of the service side."""
-    events, blobs = build_capture(args.posts, args.seed)
+    events, blobs = build_capture(args.posts, args.seed, args.images)
     load_before = os.getloadavg()
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as client:
         net: LocalNetwork = await nursery.start(partial(run_local_network, [], {}, pace=args.pace))
@@ -258,7 +284,10 @@ async def run_pipeline(args: argparse.Namespace, redis_url: str, workdir: Path) 
         cpu1, own1 = proc_cpu_seconds(service.pid), own_cpu_seconds()
         threads = thread_cpu_seconds(service.pid)
         # Main process plus each hash worker (each one's own peak; shared pages counted twice).
-        peak_kib = sum(proc_status_kib(p, "VmHWM") for p in descendants(service.pid))
+        family = descendants(service.pid)
+        peak_kib = sum(proc_status_kib(p, "VmHWM") for p in family)
+        per_process = [proc_status_kib(p, "VmHWM") / 1024 for p in family]
+        pss_kib = sum(proc_pss_kib(p) for p in family)
         service.signal(signal.SIGTERM)
         with trio.fail_after(60):
             code = await service.wait()
@@ -275,6 +304,8 @@ async def run_pipeline(args: argparse.Namespace, redis_url: str, workdir: Path) 
         "service_cpu": cpu1 - cpu0,
         "harness_cpu": own1 - own0,
         "peak_rss_mib": peak_kib / 1024,
+        "per_process_mib": per_process,
+        "pss_mib": pss_kib / 1024,
         "exit_code": code,
         "load_before": load_before,
         "threads": threads,
@@ -306,7 +337,12 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     load = ", ".join(f"{x:.2f}" for x in r["load_before"])
     rule = "-" * 78
     rows = [
-        ("posts / blobs", f"{len(r['events'])} / {n} distinct blobs ({len(JPEGS)} JPEGs re-keyed)"),
+        (
+            "posts / blobs",
+            f"{len(r['events'])} / {n} distinct blobs"
+            f" ({len(source_images(args.images))} {args.images} JPEGs re-keyed,"
+            f" mean {sum(map(len, r['blobs'])) / len(r['blobs']) / 1e3:.0f} kB)",
+        ),
         (
             "set-up",
             f"cache off, dry-run, {args.concurrency} workers, "
@@ -339,7 +375,16 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
             f"main {main_cpu:.2f} s, {len(others)} others {sum(others):.2f} s"
             " (CPU since start; the others are hash, Redis and DNS threads)",
         ),
-        ("service peak RSS", f"{r['peak_rss_mib']:8.1f} MiB (VmHWM, main + hash workers)"),
+        (
+            "service peak RSS",
+            f"{r['peak_rss_mib']:8.1f} MiB (VmHWM summed over main + hash workers: "
+            + " + ".join(f"{v:.0f}" for v in r["per_process_mib"])
+            + "; shared library pages counted in each)",
+        ),
+        (
+            "service PSS at the end",
+            f"{r['pss_mib']:8.1f} MiB (proportional: shared pages counted once, before SIGTERM)",
+        ),
         (
             "harness CPU (fakes)",
             f"{r['harness_cpu']:8.2f} s   = {harness_cores:.2f} cores busy (replay, CDN here)",
@@ -383,8 +428,8 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     elif service_cores >= 0.7:
         limit = (
             f"the GIL. The service keeps {service_cores:.2f} cores busy with {cores} available:"
-            " its Trio thread and hash threads take turns on one interpreter lock, and hashing"
-            f" (GIL-bound numpy steps, a serialised libjpeg call) is most of the work; {scaling}."
+            " its Trio thread and hash threads take turns on one interpreter lock for the"
+            f" Python parts of hashing; {scaling}."
             " More workers or hash threads would not help; a GIL-free decode or several"
             " processes would"
         )
@@ -401,6 +446,12 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--posts", type=int, default=2000, help="image posts (one blob each)")
+    parser.add_argument(
+        "--images",
+        choices=("photos", "demo"),
+        default="photos",
+        help="real 1.6-2.4 MP photos (bench/data) or the small demo JPEGs",
+    )
     parser.add_argument("--concurrency", type=int, default=10, help="PROCESSING_CONCURRENCY")
     parser.add_argument("--hash-threads", type=int, default=0, help="HASH_THREADS (0: per core)")
     parser.add_argument(

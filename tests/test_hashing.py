@@ -17,6 +17,7 @@ import trio
 from PIL import Image
 
 from phash_trio.image import decode as _decode
+from phash_trio.image import hashcore
 from phash_trio.image import luma as _luma
 from phash_trio.image import resize as _resize
 from phash_trio.image.meanhash import (
@@ -234,31 +235,22 @@ def _gif(
 # ---------------------------------------------------------------- arithmetic
 
 
-def test_sinf_vectorised_matches_glibc() -> None:
-    """The vectorised sinf returns glibc's sinf bit for bit over the lanczos argument range."""
-    rng = np.random.default_rng(7)
-    args = rng.uniform(-3 * math.pi, 3 * math.pi, 50_000).astype(F32)
-    args = np.concatenate([args, (np.arange(-9, 10) * F32(math.pi / 3)).astype(F32)])
-    expected = np.array([_sinf(a) for a in args], dtype=F32)
-    assert np.array_equal(_resize.sinf(args).view(np.uint32), expected.view(np.uint32))
-
-
-@pytest.mark.parametrize(("n", "out"), [(1, 8), (5, 8), (8, 8), (13, 8), (100, 8), (2999, 8)])
-def test_weights_match_scalar_reference(n: int, out: int) -> None:
-    """Tap positions and normalised f32 weights equal the scalar sample.rs transcription."""
-    index, weights = _resize.lanczos3_weights(n, out)
-    for o in range(out):
-        left, ws = _ref_weights(n, out, o)
-        assert index[o, 0] == left
-        assert weights[o, : len(ws)].tolist() == [float(w) for w in ws]
-        assert not weights[o, len(ws) :].any()
+@pytest.mark.parametrize(("n", "out"), [(1, 8), (5, 8), (8, 3), (13, 8), (100, 8), (2999, 8)])
+def test_one_dimensional_resize_matches_scalar_reference(n: int, out: int) -> None:
+    """A 1-pixel-tall strip resized along its length only uses the weights of sample.rs."""
+    rng = np.random.default_rng(n * 31 + out)
+    img = rng.integers(0, 256, (1, n), dtype=np.uint8)
+    assert np.array_equal(_resize.resize_gray(img, out, 1), _ref_resize(img, out, 1))
+    column = np.ascontiguousarray(img.T)
+    assert np.array_equal(_resize.resize_gray(column, 1, out), _ref_resize(column, 1, out))
 
 
 @pytest.mark.parametrize(
-    ("height", "width"), [(1, 1), (3, 5), (8, 8), (8, 21), (21, 8), (37, 101), (64, 64), (9, 150)]
+    ("height", "width"),
+    [(1, 1), (3, 5), (8, 8), (8, 21), (21, 8), (37, 101), (64, 64), (9, 150), (211, 163)],
 )
 def test_resize_matches_scalar_reference(height: int, width: int) -> None:
-    """The vectorised Lanczos3 resize equals the scalar f32 transcription pixel for pixel."""
+    """The compiled Lanczos3 resize equals the scalar f32 transcription pixel for pixel."""
     rng = np.random.default_rng(height * 1000 + width)
     img = rng.integers(0, 256, (height, width), dtype=np.uint8)
     assert np.array_equal(_resize.resize_gray(img, 8, 8), _ref_resize(img, 8, 8))
@@ -269,6 +261,24 @@ def test_resize_matches_reference_on_smooth_image() -> None:
     y, x = np.mgrid[0:47, 0:61]
     img = ((x * 3 + y * 2) % 256).astype(np.uint8)
     assert np.array_equal(_resize.resize_gray(img, 8, 8), _ref_resize(img, 8, 8))
+    assert np.array_equal(_resize.resize_gray(img, 13, 5), _ref_resize(img, 13, 5))
+
+
+def test_hash_gray_matches_scalar_reference_on_random_images() -> None:
+    """hash_gray (compiled resize, mean and packing) equals the scalar chain on varied sizes."""
+    rng = np.random.default_rng(5)
+    for height, width in [(1, 1), (2, 9), (17, 3), (90, 120), (130, 77)]:
+        gray = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        assert hash_gray(gray) == _ref_hash(gray), (height, width)
+
+
+def test_compiled_luma_rounds_exactly_for_every_colour() -> None:
+    """hashcore's to_luma8 equals the f32 table for all 2**24 colours."""
+    table = _luma.luma8_table()  # index r | g << 8 | b << 16
+    colours = np.arange(1 << 24, dtype=np.uint32)
+    rgb = np.stack([colours & 255, (colours >> 8) & 255, colours >> 16], axis=1).astype(np.uint8)
+    luma = np.frombuffer(hashcore.luma(rgb), dtype=np.uint8)
+    assert np.array_equal(luma, table)
 
 
 def test_luma_table_rounds_exactly_for_every_colour() -> None:

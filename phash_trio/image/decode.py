@@ -37,6 +37,7 @@ import enum
 import struct
 import zlib
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -206,7 +207,7 @@ _HEADER_READERS = {
 
 def decode_gray(data: bytes, *, max_pixels: int) -> U8Array:
     """The 2-D uint8 gray image the reference hashes, or a typed :class:`ImageError`."""
-    return _converted(to_luma8, _decode(data, max_pixels))
+    return _converted(to_luma8, _decode(data, max_pixels, jpeg_want="gray"))
 
 
 def decode_rgb(data: bytes, *, max_pixels: int) -> U8Array:
@@ -237,7 +238,10 @@ def decode_pixels(data: bytes, *, max_pixels: int) -> PixelArray:
     return source if isinstance(source, np.ndarray) else source.whole()
 
 
-def _decode(data: bytes, max_pixels: int) -> PixelArray | Banded:
+def _decode(
+    data: bytes, max_pixels: int, *, jpeg_want: Literal["gray", "rgb"] = "rgb"
+) -> PixelArray | Banded:
+    """``jpeg_want="gray"`` lets the compiled JPEG path go straight to luma (same values)."""
     fmt = sniff_format(data)
     width, height = header_size(fmt, data)
     if width <= 0 or height <= 0:
@@ -259,7 +263,7 @@ def _decode(data: bytes, max_pixels: int) -> PixelArray | Banded:
         elif fmt is ImageFormat.GIF:
             pixels = decode_gif(data, limit)
         elif fmt is ImageFormat.JPEG:
-            pixels = _decode_jpeg(data, limit)
+            pixels = _decode_jpeg(data, limit, jpeg_want)
         elif fmt is ImageFormat.WEBP:
             pixels = decode_webp(data, limit)
         else:
@@ -288,6 +292,8 @@ def _bytes_per_pixel(fmt: ImageFormat, data: bytes) -> int:
         depth, colour = data[24], data[25]
         channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 4)
         return max(1, channels * depth // 8)
+    if fmt is ImageFormat.JPEG:
+        return 3  # RGB8 at most; the JPEG decoder budgets its own working memory (max_memory)
     if fmt is ImageFormat.TIFF:
         fields = tiff_fields(data)
         return max(1, fields.get(277, 1) * -(-fields.get(258, 8) // 8))
@@ -327,7 +333,7 @@ def _decode_pillow(data: bytes, fmt: ImageFormat, limit: int) -> PixelArray | Ba
 # --------------------------------------------------------------------------- JPEG
 
 
-def _decode_jpeg(data: bytes, limit: int) -> PixelArray:
+def _decode_jpeg(data: bytes, limit: int, want: Literal["gray", "rgb"]) -> PixelArray:
     """zune-jpeg's pixels via :mod:`phash_trio.image.jpeg.decoder` (imported on first use).
 
     No Pillow fallback: libjpeg-turbo's pixels differ from zune-jpeg's, and a file the zune
@@ -338,7 +344,7 @@ def _decode_jpeg(data: bytes, limit: int) -> PixelArray:
     too_large = getattr(jpegdecode, "JpegTooLargeError", ())
     unsupported = getattr(jpegdecode, "JpegUnsupportedError", ())
     try:
-        pixels = jpegdecode.decode_jpeg(data, max_pixels=limit)
+        pixels = jpegdecode.decode_jpeg(data, max_pixels=limit, want=want)
     except too_large as exc:
         raise ImageTooLarge(f"jpeg: {one_line(exc)}") from None
     except unsupported as exc:

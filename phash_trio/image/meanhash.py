@@ -3,12 +3,13 @@
 Rule files hold hashes made by the Rust service, so ours must agree bit for bit, not just be
 "perceptually close": decode as image-rs does (:mod:`phash_trio.image.decode`), ``to_luma8``, Lanczos3
 resize to 8x8 in f32 exactly as ``imageops::resize`` (:mod:`phash_trio.image.resize`), mean by integer
-division, bit = ``value >= mean``, bits packed LsbFirst. See ``shared/HASH.md``.
+division, bit = ``value >= mean``, bits packed LsbFirst (all from resize on in the compiled core,
+:mod:`phash_trio.image.hashcore`). See ``shared/HASH.md``.
 
 The value is ``int.from_bytes(hash_bytes, "big")``, so ``f"{value:016x}"`` is the reference hex.
 :func:`mean_hash` is synchronous and thread-safe; the service runs it in worker processes
 (:mod:`phash_trio.image.pool`, or threads with ``HASH_PROCESSES=0``), and
-the heavy parts (Pillow decoding, numpy) release the GIL.
+the heavy parts (the compiled core, Pillow decoding, numpy) release the GIL.
 
 Errors (all subclasses of :class:`ImageError`, message one line)::
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from phash_trio.image import hashcore
 from phash_trio.image.decode import (
     CorruptImage,
     ImageError,
@@ -33,7 +35,6 @@ from phash_trio.image.decode import (
     UnsupportedImage,
     decode_gray,
 )
-from phash_trio.image.resize import resize_gray
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -49,10 +50,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PIXELS = 50_000_000
-HASH_SIZE = 8
 _HEX16 = re.compile(r"[0-9a-fA-F]{16}")
-# Bit j of each byte comes from column j of its row (LsbFirst).
-_BIT_WEIGHTS = (1 << np.arange(HASH_SIZE, dtype=np.uint64)).astype(np.uint64)
 
 
 def mean_hash(
@@ -73,11 +71,8 @@ def hash_gray(gray: npt.NDArray[np.uint8]) -> int:
     """The mean hash of an already decoded 8-bit gray image (``image_hasher`` from resize on)."""
     if gray.ndim != 2 or gray.dtype != np.uint8 or gray.size == 0:
         raise ValueError(f"need a non-empty 2-D uint8 array, got {gray.dtype} {gray.shape}")
-    small = resize_gray(np.ascontiguousarray(gray), HASH_SIZE, HASH_SIZE)
-    mean = int(small.sum(dtype=np.uint32)) // small.size
-    bits = (small >= mean).astype(np.uint64)
-    row_bytes = (bits * _BIT_WEIGHTS).sum(axis=1, dtype=np.uint64)
-    return int.from_bytes(bytes(int(b) for b in row_bytes), "big")
+    height, width = gray.shape
+    return hashcore.mean_hash(np.ascontiguousarray(gray), width, height)
 
 
 def format_hash(value: int) -> str:

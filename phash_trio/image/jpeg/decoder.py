@@ -2,19 +2,28 @@
 
 The mean hash must match hashes computed by Rust ``image_hasher``; libjpeg-based decoders
 (Pillow & co.) differ from zune-jpeg by a level or two on some pixels and so flip hash bits on a
-few percent of photos. We take the quantised coefficients from libjpeg-turbo (they are the same
-in every decoder) and redo zune-jpeg's IDCT, upsampling and colour conversion on them.
+few percent of photos. The quantised coefficients (the same in every decoder, on intact data)
+come from the compiled core (:mod:`phash_trio.image.hashcore`): a port of zune's own baseline
+entropy decoder, a progressive decoder, or libjpeg-turbo for the rest (see
+:mod:`phash_trio.image.jpeg.coeffs`); zune-jpeg's IDCT, upsampling and colour conversion are
+redone on them there too (:mod:`.pixels` is the numpy model of those stages, the tests' oracle).
+
+``want="gray"`` (the default) goes straight to image-rs ``to_luma8`` per row, never holding the
+RGB image; ``want="rgb"`` returns (H, W, 3) RGB8 (gray JPEGs replicated), e.g. for PDQ.
 
 Errors (all :class:`JpegDecodeError`, see :mod:`phash_trio.image.jpeg.errors` for the tree):
 malformed or non-JPEG data, truncated image data, unsupported codings (12-bit, lossless,
-arithmetic, DNL, 2 components) and images above ``max_pixels``. Only the first image of an
-MPO is decoded. EXIF orientation and ICC profiles are ignored, as by the reference.
+arithmetic, DNL, 2 components), more than 100 progressive scans, and images above
+``max_pixels`` or needing more than ``max_memory`` bytes. Only the first image of an
+MPO / Ultra HDR file is decoded. EXIF orientation and ICC profiles are ignored, as by the
+reference.
 
 Corrupt image data: where libjpeg substitutes zero for an undecodable Huffman code and goes on,
-zune-jpeg stops (see :mod:`phash_trio.image.jpeg.zune_walk`). For baseline single-scan images we find
-that point and redo its result: the MCU row it stops in is still output, but its blocks from the
-failing one onward hold whatever zune's one-MCU-row buffers held, the previous MCU row's pixels
-(zeros in the first row); all output rows after it stay at 128. With vertical chroma
+zune-jpeg stops. For baseline single-scan images the zune port stops at the same point (its
+Python model is :mod:`phash_trio.image.jpeg.zune_walk`) and we redo zune's result: the MCU row
+it stops in is still output, but its blocks from the failing one onward hold whatever zune's
+one-MCU-row buffers held, the previous MCU row's pixels (zeros in the first row); all output
+rows after it stay at 128. With vertical chroma
 subsampling (4:2:0, 4:4:0) zune holds back the last ``max_v`` rows of each MCU row until the
 next one arrives, so those rows stay 128 too; the stale chroma blocks feed the upsampling of
 the rows before them exactly as in zune, since we substitute them in the planes first.
@@ -22,10 +31,20 @@ the rows before them exactly as in zune, since we substitute them in the planes 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import numpy.typing as npt
 
-from .coeffs import Coefficients, read_coefficients
+from phash_trio.image import hashcore
+
+from .coeffs import (
+    DEFAULT_MAX_MEMORY,
+    read_baseline,
+    read_coefficients,
+    read_planes,
+    read_progressive,
+)
 from .errors import (
     JpegDecodeError,
     JpegFormatError,
@@ -34,17 +53,28 @@ from .errors import (
     JpegUnsupportedError,
 )
 from .markers import JpegStructure, read_structure
-from .pixels import ColourModel, assemble, idct_plane
-from .zune_walk import ZuneStop, find_zune_stop
+from .pixels import ColourModel
+from .zune_walk import ZuneStop
 
 __all__ = [
+    "DEFAULT_MAX_MEMORY",
     "JpegDecodeError",
     "JpegFormatError",
     "JpegTooLargeError",
     "JpegTruncatedError",
     "JpegUnsupportedError",
     "decode_jpeg",
+    "keep_stale_blocks",
 ]
+
+_MODELS = {
+    ColourModel.LUMA: hashcore.MODEL_LUMA,
+    ColourModel.YCBCR: hashcore.MODEL_YCBCR,
+    ColourModel.RGB: hashcore.MODEL_RGB,
+    ColourModel.CMYK: hashcore.MODEL_CMYK,
+    ColourModel.YCCK: hashcore.MODEL_YCCK,
+}
+_WANTS = {"gray": hashcore.WANT_GRAY, "rgb": hashcore.WANT_RGB}
 
 # Appended to a scan that runs into the end of the input: if decoding it changes any
 # coefficient, the data really stopped early (a complete scan ignores trailing bytes). Varied
@@ -52,33 +82,75 @@ __all__ = [
 _PROBE = bytes((i * 167 + 13) % 255 for i in range(4096))
 
 
-def decode_jpeg(data: bytes, *, max_pixels: int = 50_000_000) -> npt.NDArray[np.uint8]:
-    """Pixels of the first image in ``data``: (H, W) uint8 for gray, (H, W, 3) RGB otherwise.
+def decode_jpeg(
+    data: bytes,
+    *,
+    max_pixels: int = 50_000_000,
+    want: Literal["gray", "rgb"] = "gray",
+    max_memory: int = DEFAULT_MAX_MEMORY,
+) -> npt.NDArray[np.uint8]:
+    """Pixels of the first image in ``data``: (H, W) luma8, or (H, W, 3) RGB8 with ``want="rgb"``.
 
-    Raises :class:`JpegDecodeError` (or a subclass) with a one-line message; the size limit is
-    checked from the frame header before anything is decoded.
+    Raises :class:`JpegDecodeError` (or a subclass) with a one-line message; the pixel and
+    memory limits are checked from the frame header before anything large is allocated.
+    Thread-safe; the GIL is released while decoding.
     """
+    if want not in _WANTS:
+        raise ValueError(f"want must be 'gray' or 'rgb', not {want!r}")
     structure = read_structure(bytes(data), max_pixels=max_pixels)
-    coefficients = read_coefficients(structure)
-    if not structure.complete:
-        _check_scan_was_complete(structure, coefficients)
-    stop = find_zune_stop(structure) if coefficients.corrupt else None
-    planes = [
-        _padded(idct_plane(blocks, quant), structure, index)
-        for index, (blocks, quant) in enumerate(
-            zip(coefficients.blocks, coefficients.quant, strict=True)
+    channels = 3 if want == "rgb" else 1
+    budget = max_memory - structure.width * structure.height * channels
+    if budget <= 0:
+        raise JpegTooLargeError(
+            structure.width,
+            structure.height,
+            max_pixels,
+            reason=f"JPEG output alone needs more than the {max_memory >> 20} MB memory limit",
         )
-    ]
+    if not structure.complete:
+        _check_scan_was_complete(structure, budget)
+    planes, stop = _planes(structure, budget)
     ratios = [(structure.max_h // c.h, structure.max_v // c.v) for c in structure.components]
     if stop is not None:
-        _keep_stale_blocks(planes, structure, stop)
-    pixels = assemble(planes, ratios, structure.width, structure.height, _colour_model(structure))
+        keep_stale_blocks(planes, structure, stop)
+    sources = [
+        (plane, plane.shape[0], plane.shape[1], rh, rv)
+        for plane, (rh, rv) in zip(planes, ratios, strict=True)
+    ]
+    raw = hashcore.assemble(
+        sources,
+        structure.width,
+        structure.height,
+        _MODELS[_colour_model(structure)],
+        _WANTS[want],
+    )
+    shape = (
+        (structure.height, structure.width, 3)
+        if want == "rgb"
+        else (structure.height, structure.width)
+    )
+    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
     if stop is not None:
         pixels[_rows_output(structure, ratios, stop) :] = 128
     return pixels
 
 
-def _keep_stale_blocks(
+def _planes(
+    structure: JpegStructure, max_memory: int
+) -> tuple[list[npt.NDArray[np.uint8]], ZuneStop | None]:
+    """Padded planes from our compiled decoders where they apply, else from libjpeg's."""
+    if structure.progressive:
+        progressive = read_progressive(structure, max_memory=max_memory)
+        if progressive is not None:
+            return list(progressive), None
+    else:
+        baseline = read_baseline(structure, max_memory=max_memory)
+        if baseline is not None:
+            return list(baseline.planes), baseline.stop
+    return list(read_planes(structure, max_memory=max_memory).planes), None
+
+
+def keep_stale_blocks(
     planes: list[npt.NDArray[np.uint8]], structure: JpegStructure, stop: ZuneStop
 ) -> None:
     """Blocks zune did not decode in the MCU row it stopped in show its buffers' old pixels.
@@ -123,11 +195,12 @@ def _rows_output(structure: JpegStructure, ratios: list[tuple[int, int]], stop: 
     return rows
 
 
-def _check_scan_was_complete(structure: JpegStructure, coefficients: Coefficients) -> None:
+def _check_scan_was_complete(structure: JpegStructure, max_memory: int) -> None:
     """Raise JpegTruncatedError unless the last scan, lacking a terminator, had all its data."""
+    coefficients = read_coefficients(structure, max_memory=max_memory)
     padded = structure.stream[:-2] + _PROBE + b"\xff\xd9"
     try:
-        probe = read_coefficients(structure, padded)
+        probe = read_coefficients(structure, padded, max_memory=max_memory)
     except JpegFormatError as exc:
         raise JpegTruncatedError("JPEG image data is truncated") from exc
     pairs = zip(coefficients.blocks, probe.blocks, strict=True)
@@ -143,23 +216,3 @@ def _colour_model(structure: JpegStructure) -> ColourModel:
     if count == 3:
         return ColourModel.RGB if structure.adobe_transform == 0 else ColourModel.YCBCR
     return ColourModel.YCCK if structure.adobe_transform == 2 else ColourModel.CMYK
-
-
-def _padded(
-    plane: npt.NDArray[np.uint8], structure: JpegStructure, index: int
-) -> npt.NDArray[np.uint8]:
-    """Extend a component plane to whole MCUs, as zune decodes them.
-
-    libjpeg keeps only the blocks that cover the image; zune upsamples the plane of every
-    decoded MCU. The two agree for all common samplings (the chroma of 4:2:0 and 4:2:2 covers
-    exactly the MCUs); for exotic ones the missing blocks are approximated by edge replication.
-    """
-    if len(structure.components) == 1:
-        return plane
-    component = structure.components[index]
-    mcu_cols = -(-structure.width // (8 * structure.max_h))
-    mcu_rows = -(-structure.height // (8 * structure.max_v))
-    rows, cols = mcu_rows * component.v * 8, mcu_cols * component.h * 8
-    if plane.shape == (rows, cols):
-        return plane
-    return np.pad(plane, ((0, rows - plane.shape[0]), (0, cols - plane.shape[1])), mode="edge")

@@ -4,7 +4,7 @@ JpegDecodeError          -- any JPEG that does not yield pixels
  +-- JpegFormatError     -- not a JPEG, or a malformed one
  |    +-- JpegTruncatedError -- the image data stops before the image is complete
  +-- JpegUnsupportedError -- a valid JPEG using a coding the reference decoder refuses too
- +-- JpegTooLargeError   -- width x height above the caller's ``max_pixels``
+ +-- JpegTooLargeError   -- width x height above ``max_pixels``, or memory above ``max_memory``
 """
 
 from __future__ import annotations
@@ -43,13 +43,16 @@ class JpegUnsupportedError(JpegDecodeError):
 
 
 class JpegTooLargeError(JpegDecodeError):
-    """The header announces more pixels than the caller allows."""
+    """The header announces more pixels (or a decode needing more memory) than allowed."""
 
     __module__ = "phash_trio.image.jpeg.decoder"
 
-    def __init__(self, width: int, height: int, max_pixels: int) -> None:
+    def __init__(
+        self, width: int, height: int, max_pixels: int, *, reason: str | None = None
+    ) -> None:
         super().__init__(
-            f"JPEG is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
+            reason
+            or f"JPEG is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
         )
         self.width = width
         self.height = height

@@ -1,12 +1,14 @@
 """Walk the markers of a JPEG's first image and rebuild a minimal stream for libjpeg.
 
-We parse the marker structure ourselves because libjpeg (through jpeglib) needs a file and
-trusts what it reads: here the frame is validated and sized before any decoding (so
-``max_pixels`` is enforced from the header), the colour transform of an Adobe APP14 segment is
-read, and a new stream is built from SOI, the tables, the frame, the scans and EOI only.
-Dropping APPn/COM segments keeps jpeglib's fixed-size marker buffers out of reach, stopping at
-the first EOI decodes only the first image of an MPO, and a scan whose data runs into the end
-of the input is flagged so the caller can tell a truncated file from one that merely lacks EOI.
+Here the frame is validated and sized before any decoding (so ``max_pixels`` is enforced from
+the header), the colour transform of an Adobe APP14 segment is read, and a new stream is built
+from SOI, the tables, the frame, the scans and EOI only. Dropping APPn/COM segments keeps
+libjpeg's marker savers idle; stopping at the first EOI decodes only the first image of an MPO
+or an Ultra HDR file (its MPF gain map follows the primary image's EOI, as zune-jpeg reads it:
+mcu.rs stops at the first EOI); a scan whose data runs into the end of the input is flagged so
+the caller can tell a truncated file from one that merely lacks EOI. libjpeg's own header
+checks are mirrored here so that the reasons are ours, although the compiled binding now turns
+any libjpeg error into an exception.
 """
 
 from __future__ import annotations
@@ -23,10 +25,26 @@ from .errors import (
     JpegUnsupportedError,
 )
 
-__all__ = ["MAX_SCANS", "FrameComponent", "JpegStructure", "read_structure"]
+__all__ = [
+    "MAX_PROGRESSIVE_SCANS",
+    "MAX_SCANS",
+    "FrameComponent",
+    "JpegStructure",
+    "read_structure",
+]
 
 #: A progressive JPEG has about ten scans; far more only costs CPU (a known decoder DoS).
 MAX_SCANS = 1000
+#: zune-jpeg refuses a progressive image past this many scans ("Too many scans, exceeded
+#: limit of 100", mcu_prog.rs with the default DecoderOptions): the reference has no hash.
+MAX_PROGRESSIVE_SCANS = 100
+
+
+class _TooManyScans(JpegUnsupportedError):
+    """Refused outright, even after complete scans (the reference fails the whole image)."""
+
+    __module__ = "phash_trio.image.jpeg.decoder"
+
 
 _SOI = b"\xff\xd8"
 _EOI = b"\xff\xd9"
@@ -138,8 +156,8 @@ def _step(walk: _Walk) -> bool:
     """Handle the next marker; False once the image is over."""
     try:
         return _next_segment(walk)
-    except JpegDecodeError:
-        if walk.scans == 0 or not walk.complete:
+    except JpegDecodeError as exc:
+        if walk.scans == 0 or not walk.complete or isinstance(exc, _TooManyScans):
             raise
         return False  # damage after complete scans: keep what was decoded
 
@@ -310,6 +328,10 @@ def _read_scan(walk: _Walk, body: bytes, header: bytes) -> None:
         if point == 0:
             walk.final_bits.setdefault(ident, set()).update(range(first, min(last, 63) + 1))
     walk.scans += 1
+    if walk.frame[2] and walk.scans > MAX_PROGRESSIVE_SCANS:
+        raise _TooManyScans(
+            f"progressive JPEG has more than {MAX_PROGRESSIVE_SCANS} scans (Too many scans)"
+        )
     if walk.scans > MAX_SCANS:
         raise JpegFormatError(f"JPEG has more than {MAX_SCANS} scans")
     data, start = walk.data, walk.pos

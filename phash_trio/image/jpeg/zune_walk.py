@@ -1,4 +1,9 @@
-"""Find the MCU where zune-jpeg 0.5 gives up on a corrupt baseline scan.
+"""Find the MCU where zune-jpeg 0.5 gives up on a corrupt baseline scan (the Python model).
+
+The decoder no longer calls this: the compiled core (``hashcore.c``, "zune's baseline
+decoder") decodes single-scan baseline images with the same model and reports the stop
+itself, at C speed and with coefficients. This module stays as the independent, readable
+model the tests check the compiled decoder against (tests/test_hashcore.py).
 
 libjpeg substitutes zero for a bit pattern that no Huffman code matches and decodes on; zune-jpeg
 0.5 (non-strict, as the reference uses it) logs the error and stops: the MCU row in progress is
