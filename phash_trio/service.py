@@ -34,10 +34,10 @@ from phash_trio.components import open_processor
 from phash_trio.config import Settings
 from phash_trio.jetstream import ReaderConfig, ReaderState, run_reader
 from phash_trio.jobs import ImageJob
-from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.notify import Notifier, run_watchdog
 from phash_trio.pipeline import run_worker
+from phash_trio.rules.index import RuleIndex
 from phash_trio.status_http import run_status_server
 from phash_trio.store import RedisStore, run_health_monitor
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from phash_trio.matching import RuleIndex
-from phash_trio.model import (
+from phash_trio.rules.check import rules_check
+from phash_trio.rules.index import RuleIndex
+from phash_trio.rules.model import (
     Rule,
     RuleFileError,
     RuleSet,
@@ -18,7 +19,6 @@ from phash_trio.model import (
     parse_phash,
     parse_rules,
 )
-from phash_trio.rulecheck import rules_check
 
 REPO = Path(__file__).resolve().parents[1]
 H1 = "fefefee3221f0b0a"

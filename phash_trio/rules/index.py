@@ -15,7 +15,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from phash_trio.model import PHASH_MAX, Rule, RuleSet, format_phash
+from phash_trio.rules.model import PHASH_MAX, Rule, RuleSet, format_phash
 
 __all__ = ["Match", "RuleIndex"]
 
