@@ -203,8 +203,10 @@ def test_error_label_wrong_type() -> None:
 
 
 def test_error_missing_phashes() -> None:
-    """A rule without phashes names the missing key."""
-    assert errors_of([rule(phashes=...)]) == ["rule 0 ('spam-image'): phashes: missing (required)"]
+    """A rule without phashes (nor pdqHashes, nor banks) names the missing key."""
+    assert errors_of([rule(phashes=...)]) == [
+        "rule 0 ('spam-image'): phashes: missing (required unless pdqHashes or banks is given)"
+    ]
 
 
 def test_error_empty_phashes() -> None:
@@ -349,7 +351,7 @@ def test_all_errors_reported_at_once(tmp_path: Path) -> None:
         "rule 2 ('spam-image'): ignoreDID[0]: 'nope' is not a valid did:plc or did:web",
         "rule 2 ('spam-image'): 'colour': unknown key",
         "rule 3: expected a JSON object, got number 7",
-        "rule 4: phashes: missing (required)",
+        "rule 4: phashes: missing (required unless pdqHashes or banks is given)",
         "rule 4: label: missing (required)",
     ]
     message = str(info.value)

@@ -31,10 +31,10 @@ class BlobSignals:
     #: The 64-bit mean hash (``image_hasher`` Mean 8x8).
     mean: int
     #: The PDQ hash, or None when nothing needed it.
-    pdq: PdqHash | None
-    #: Hex digests of the blob's bytes.
-    md5: str
-    sha256: str
+    pdq: PdqHash | None = None
+    #: Hex digests of the blob's bytes (None when only the mean hash is known, e.g. cached).
+    md5: str | None = None
+    sha256: str | None = None
 
 
 def compute_signals(

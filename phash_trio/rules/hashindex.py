@@ -233,8 +233,13 @@ class HashIndex:
             self._main_dead += 1
         return True
 
-    def set_tag(self, key: int, tag: int) -> None:
-        self._tags[key] = tag
+    def remove_tag(self, tag: int) -> int:
+        """Tombstone every live key with ``tag``; returns how many."""
+        keys = np.flatnonzero(self._alive[: self._n] & (self._tags[: self._n] == tag))
+        self._alive[keys] = False
+        self._live -= keys.size
+        self._main_dead += int((keys < self._main_upto).sum())
+        return int(keys.size)
 
     # -- reads --------------------------------------------------------------------------------
 
