@@ -1,4 +1,4 @@
-"""``phash-trio run | hash FILE… | rules check FILE | dead-letters list|retry|purge``.
+"""``phash-trio run | hash FILE… | rules check FILE | dead-letters … | banks …``.
 
 Exit codes: 0 success; 1 some input failed (``hash``, ``rules check``); 2 bad configuration or
 rule file at start-up (one line on stderr, no traceback).
@@ -39,17 +39,21 @@ def _cmd_hash(args: argparse.Namespace) -> int:
 
 
 def _cmd_rules_check(args: argparse.Namespace) -> int:
+    from phash_trio.config import ConfigError, Settings, load_settings
+    from phash_trio.rules.bankcli import known_banks
     from phash_trio.rules.check import rules_check
 
-    threshold = args.threshold
-    if threshold is None:
-        from phash_trio.config import ConfigError, load_settings
-
-        try:
-            threshold = load_settings().phash_hamming_threshold
-        except ConfigError:
-            threshold = 3
-    return rules_check(Path(args.file), default_threshold=threshold)
+    try:
+        settings = load_settings()
+    except ConfigError:
+        settings = Settings()
+    threshold = settings.phash_hamming_threshold if args.threshold is None else args.threshold
+    return rules_check(
+        Path(args.file),
+        default_threshold=threshold,
+        pdq_threshold=settings.pdq_hamming_threshold,
+        known_banks=lambda: known_banks(settings.redis_url),
+    )
 
 
 def _load_or_exit() -> tuple[object, object]:
@@ -155,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("action", choices=["list", "retry", "purge"])
     dead.add_argument("--limit", type=int, default=100, help="at most this many (list, retry)")
     dead.set_defaults(func=_cmd_dead_letters)
+
+    from phash_trio.rules.bankcli import add_banks_parser
+
+    add_banks_parser(sub)
     return parser
 
 
