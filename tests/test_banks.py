@@ -169,13 +169,13 @@ async def test_sync_follows_changes_and_reloads_after_a_trim(
         banks.put("LIVE", [entry(pdq(1), "first")])
         with trio.fail_after(5):
             while not sync.index.search("pdq", pdq(1), 0):
-                await trio.sleep(0.02)
+                await sync.wait_updated()
         before = sync.index
         banks.put("LIVE", [entry(pdq(i), f"n{i}") for i in range(2, 30)])
         raw.xtrim("banks:log", maxlen=0, approximate=False)  # as if the log had been trimmed while we were away
         with trio.fail_after(5):
             while sync.index is before:
-                await trio.sleep(0.02)
+                await sync.wait_updated()
         assert len(sync.index.search("pdq", pdq(29), 0)) == 1
         nursery.cancel_scope.cancel()
     assert metrics.reloads.labels(reason="log trimmed")._value.get() == 1

@@ -86,6 +86,15 @@ class BankSync:
         self._rng = rng if rng is not None else random.Random()
         self.index: BankIndex | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self._updated = trio.Event()
+
+    async def wait_updated(self) -> None:
+        """Return after the next change applied or reload (tests, the API's status)."""
+        await self._updated.wait()
+
+    def _notify(self) -> None:
+        self._updated.set()
+        self._updated = trio.Event()
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -102,6 +111,7 @@ class BankSync:
         self.index = index
         self.metrics.reloads.labels(reason=reason).inc()
         self._update_gauges()
+        self._notify()
         logger.info(
             "banks loaded ({}): {} banks, {} in {:.1f}s",
             reason,
@@ -135,6 +145,7 @@ class BankSync:
             self.metrics.changes.inc(len(changes))
         if applied:
             self._update_gauges()
+            self._notify()
             logger.info("banks: applied {} changes (now at change {})", applied, index.seq)
         await self._compact(index)
         return applied
