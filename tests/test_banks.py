@@ -172,7 +172,9 @@ async def test_sync_follows_changes_and_reloads_after_a_trim(
                 await sync.wait_updated()
         before = sync.index
         banks.put("LIVE", [entry(pdq(i), f"n{i}") for i in range(2, 30)])
-        raw.xtrim("banks:log", maxlen=0, approximate=False)  # as if the log had been trimmed while we were away
+        raw.xtrim(
+            "banks:log", maxlen=0, approximate=False
+        )  # as if the log had been trimmed while we were away
         with trio.fail_after(5):
             while sync.index is before:
                 await sync.wait_updated()
