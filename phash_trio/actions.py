@@ -126,9 +126,10 @@ class Actions:
             label=rule.label,
             rule_comment=rule.comment,
             rule_name=rule.label,
-            phash_hex=f"{match.phash:016x}",
-            matched_hex=f"{match.matched_phash:016x}",
+            phash_hex=match.phash_hex,
+            matched_hex=match.matched_hex,
             distance=match.distance,
+            match_meta=match.meta,
             labeler_did=self.labeler_did,
             now=self.wall_now(),
         )

@@ -15,6 +15,7 @@ import enum
 import hashlib
 import re
 from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -41,6 +42,8 @@ STRONG_REF = "com.atproto.repo.strongRef"
 REPO_REF = "com.atproto.admin.defs#repoRef"
 
 _HEX64_RE = re.compile(r"^[0-9a-f]{16}$")
+#: A matched hash: mean hash (16), MD5 (32), PDQ or SHA-256 (64 hex digits).
+_MATCHED_RE = re.compile(r"^(?:[0-9a-f]{16}|[0-9a-f]{32}|[0-9a-f]{64})$")
 
 
 class EventError(ValueError):
@@ -178,6 +181,7 @@ def build_event(
     labeler_did: str,
     now: datetime,
     blob_cid: str | None = None,
+    match_meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full emitEvent body for ``kind``.
 
@@ -202,9 +206,10 @@ def build_event(
     if not _require("labeler_did", labeler_did).startswith("did:"):
         raise EventError(f"labeler_did: {labeler_did!r} is not a DID")
     _check_hex("phash_hex", phash_hex)
-    _check_hex("matched_hex", matched_hex)
-    if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance <= 64:
-        raise EventError(f"distance: {distance!r} is not a whole number from 0 to 64")
+    if not isinstance(matched_hex, str) or not _MATCHED_RE.match(matched_hex):
+        raise EventError(f"matched_hex: {matched_hex!r} is not 16, 32 or 64 lowercase hex digits")
+    if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance <= 256:
+        raise EventError(f"distance: {distance!r} is not a whole number from 0 to 256")
     if blob_cid is not None:
         _require("blob_cid", blob_cid)
 
@@ -235,6 +240,8 @@ def build_event(
                 "matchedPhash": matched_hex,
                 "distance": distance,
                 "rule": rule_name,
+                # What matched (signal type, bank, content id): see rules.index.Match.meta.
+                **(match_meta or {}),
             },
         },
         "externalId": externalid(kind, subject, label),

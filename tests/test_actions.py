@@ -66,6 +66,7 @@ def expected_body(kind: ActionKind, j: ImageJob, m: Match, labeler: str) -> dict
         phash_hex=f"{PHASH:016x}",
         matched_hex=f"{LISTED:016x}",
         distance=2,
+        match_meta={"signalType": "phash", "matchedHash": f"{LISTED:016x}", "distance": 2},
         labeler_did=labeler,
         now=NOW,
     )
@@ -171,6 +172,8 @@ async def test_each_flag_sends_exactly_its_event(
             "matchedPhash": "fcfcfdd9810181c0",
             "distance": 2,
             "rule": "example-coffee",
+            "signalType": "phash",
+            "matchedHash": "fcfcfdd9810181c0",
         },
     }
     assert sent["externalId"] == externalid(kind, subject_key, "example-coffee")
