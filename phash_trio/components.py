@@ -18,6 +18,7 @@ from phash_trio.metrics import Metrics
 from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor
 from phash_trio.rules.index import RuleIndex
+from phash_trio.rules.matcher import build_matcher
 from phash_trio.store import RedisStore
 
 __all__ = ["open_processor"]
@@ -46,6 +47,7 @@ async def open_processor(
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=40)
     timeout = httpx.Timeout(settings.blob_download_timeout_secs)
     hasher = HashPool.from_settings(settings, metrics)
+    matcher = build_matcher(settings, rules, metrics.registry)
     try:
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
             resolver = PdsResolver.from_settings(settings, http, metrics)
@@ -82,7 +84,10 @@ async def open_processor(
                 breaker_wait_max=settings.breaker_wait_max_secs,
                 max_image_pixels=settings.max_image_pixels,
                 max_blob_bytes=settings.max_blob_bytes,
+                matcher=matcher,
             )
             yield processor
     finally:
-        hasher.close()  # the workers stop once their current image is done
+        hasher.close()
+        if matcher.banks is not None:
+            matcher.banks.store.close()  # the workers stop once their current image is done

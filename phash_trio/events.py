@@ -14,8 +14,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from datetime import UTC, datetime
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs

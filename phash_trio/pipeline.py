@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import time
-from functools import partial
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import attrs

@@ -172,6 +172,9 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                         max_backoff=settings.redis_max_backoff_secs,
                     )
                 )
+                if processor.matcher is not None and processor.matcher.banks is not None:
+                    # Banks the rules name: loaded before the first post, then kept current.
+                    await root.start(processor.matcher.banks.run)
                 root.start_soon(
                     run_checkpointer, checkpointer, settings.cursor_update_interval_ms / 1000
                 )

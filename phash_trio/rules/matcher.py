@@ -21,15 +21,18 @@ import numpy as np
 import redis
 import trio
 from loguru import logger
+from prometheus_client import CollectorRegistry
 
+from phash_trio.config import Settings
 from phash_trio.image.signals import BlobSignals
 from phash_trio.rules.bankindex import BankHit, codes_from_hex
+from phash_trio.rules.banks import BankStore
 from phash_trio.rules.banksync import BankMetrics, BankSync
 from phash_trio.rules.hashindex import HashIndex
 from phash_trio.rules.index import Match, RuleIndex
 from phash_trio.rules.model import Rule
 
-__all__ = ["BlobMatcher"]
+__all__ = ["BlobMatcher", "build_matcher"]
 
 #: Which evidence wins within one rule (lower first).
 _PRIORITY = {"sha256": 0, "md5": 0, "pdq": 1, "phash": 2}
@@ -200,3 +203,24 @@ class BlobMatcher:
             logger.warning("bank {}: content id of a match unavailable ({})", bank, exc)
             return None
         return entry.content_id if entry is not None else None
+
+
+def build_matcher(settings: Settings, rules: RuleIndex, registry: CollectorRegistry) -> BlobMatcher:
+    """The service's matcher: with a :class:`BankSync` (to be run) if any rule names a bank."""
+    metrics = BankMetrics.register(registry)
+    sync = None
+    if any(rule.banks for rule in rules.rules):
+        store = BankStore.from_url(settings.redis_url, log_maxlen=settings.banks_log_maxlen)
+        sync = BankSync(
+            store,
+            poll_secs=settings.banks_poll_secs,
+            jitter_secs=settings.banks_resync_jitter_secs,
+            metrics=metrics,
+        )
+    return BlobMatcher(
+        rules,
+        banks=sync,
+        pdq_threshold=settings.pdq_hamming_threshold,
+        pdq_quality_min=settings.pdq_quality_min,
+        metrics=metrics,
+    )
