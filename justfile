@@ -31,8 +31,9 @@ lint:
     {{venv}}/bin/ruff format --check phash_trio tests bench
     {{venv}}/bin/mypy phash_trio
 
-# Benchmarks: hashing, rule lookup, end-to-end pipeline. Prints figures.
+# Benchmarks: hashing, rule lookup, end-to-end pipeline, banks (PDQ/mean-hash index at 1 M). Prints figures.
 bench:
     {{py}} bench/bench_hash.py
     {{py}} bench/bench_match.py
     {{py}} bench/bench_pipeline.py
+    {{py}} bench/bench_banks.py

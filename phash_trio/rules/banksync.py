@@ -143,6 +143,7 @@ class BankSync:
                 index.set_flags(await self._thread(self.store.bank_names))
             applied += len(changes)
             self.metrics.changes.inc(len(changes))
+            await self._compact(index)  # a big import: keep the delta small as it arrives
         if applied:
             self._update_gauges()
             self._notify()
