@@ -165,27 +165,32 @@ class BankIndex:
         index = cls()
         index.seq = store.seq()  # before reading: later changes are re-applied, idempotently
         flags = store.bank_names()
+        values: dict[str, list[str]] = {kind: [] for kind in _BITS}
+        tags: dict[str, list[int]] = {kind: [] for kind in _BITS}
         for name, enabled in sorted(flags.items()):
-            index._load_bank(name, enabled, store.raw_fields(name))
-        for hash_index in index.hashes.values():
-            hash_index.compact()
+            bank_id = index._bank(name, enabled)
+            for kind, count in index._load_bank(bank_id, store.raw_fields(name), values).items():
+                tags[kind] += [bank_id] * count
+        for kind, hexes in values.items():
+            hash_index = index.hashes[kind]
+            hash_index.load(codes_from_hex(hexes, hash_index.bits), np.array(tags[kind]))
         return index
 
-    def _load_bank(self, name: str, enabled: bool, fields: Iterable[tuple[str, str]]) -> None:
-        bank_id = self._bank(name, enabled)
-        values: dict[str, list[str]] = {kind: [] for kind in _BITS}
+    def _load_bank(
+        self, bank_id: int, fields: Iterable[tuple[str, str]], values: dict[str, list[str]]
+    ) -> dict[str, int]:
+        """Collect the bank's enabled hashes into ``values``; exact ones go in directly."""
+        counts = dict.fromkeys(values, 0)
         for field, raw in fields:
             kind, _, value = field.partition(":")
             if '"enabled":false' in raw and not json.loads(raw).get("enabled", True):
                 continue
             if kind in values:
                 values[kind].append(value)
+                counts[kind] += 1
             elif kind in self.exact:
                 self.exact[kind].setdefault(value, set()).add(bank_id)
-        for kind, hexes in values.items():
-            if hexes:
-                index = self.hashes[kind]
-                index.add_many(codes_from_hex(hexes, index.bits), np.full(len(hexes), bank_id))
+        return counts
 
     # -- compaction ---------------------------------------------------------------------------
 

@@ -87,7 +87,10 @@ def _distances(codes: U64, query: U64) -> I64:
     """Hamming distance of each row of ``codes`` (k, W) to ``query`` (W,)."""
     if codes.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    dist: I64 = popcount(codes ^ query).sum(axis=1, dtype=np.int64)
+    counts = popcount(codes ^ query)  # (k, W) uint8
+    if counts.shape[1] == 1:
+        return counts[:, 0].astype(np.int64)
+    dist: I64 = counts.sum(axis=1, dtype=np.int64)
     return dist
 
 
@@ -224,6 +227,19 @@ class HashIndex:
         for offset in range(k):
             rows.setdefault(raw[offset * step : (offset + 1) * step], []).append(start + offset)
         return np.arange(start, start + k, dtype=np.int64)
+
+    def load(self, codes: U64, tags: npt.NDArray[np.integer]) -> None:
+        """Fill an empty index and build main at once (start-up, reloads): no delta on the way."""
+        if self._n:
+            raise ValueError("load() is for an empty index")
+        codes = np.asarray(codes, dtype=np.uint64).reshape(-1, self.words)
+        k = codes.shape[0]
+        self._grow(k)
+        self._codes[:k] = codes
+        self._tags[:k] = tags
+        self._alive[:k] = True
+        self._n = self._live = k
+        self.compact()
 
     def add(self, code: U64, tag: int) -> int:
         return int(self.add_many(code.reshape(1, -1), np.array([tag]))[0])
