@@ -17,12 +17,18 @@ __all__ = ["main"]
 
 def _cmd_hash(args: argparse.Namespace) -> int:
     from phash_trio.image.meanhash import ImageError, hash_file
+    from phash_trio.image.signals import compute_signals
 
     status = 0
     for name in args.files:
         path = Path(name)
+        pdq = None
         try:
-            hex_hash = hash_file(path, max_pixels=args.max_pixels)
+            if args.pdq:
+                signals = compute_signals(path.read_bytes(), max_pixels=args.max_pixels)
+                hex_hash, pdq = f"{signals.mean:016x}", signals.pdq
+            else:
+                hex_hash = hash_file(path, max_pixels=args.max_pixels)
         except (ImageError, OSError) as exc:
             status = 1
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -31,7 +37,16 @@ def _cmd_hash(args: argparse.Namespace) -> int:
             else:
                 print(f"error: {name}: {message}", file=sys.stderr)
             continue
-        if args.json:
+        if pdq is not None:
+            if args.json:
+                print(
+                    json.dumps(
+                        {"file": name, "phash": hex_hash, "pdq": pdq.hex, "quality": pdq.quality}
+                    )
+                )
+            else:
+                print(f"{hex_hash}  {pdq.hex}  {pdq.quality:3d}  {name}")
+        elif args.json:
             print(json.dumps({"file": name, "phash": hex_hash}))
         else:
             print(f"{hex_hash}  {name}")
@@ -143,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     hash_ = sub.add_parser("hash", help="print the 8x8 mean hash of image files")
     hash_.add_argument("files", nargs="+", metavar="FILE")
     hash_.add_argument("--json", action="store_true", help="one JSON object per line")
+    hash_.add_argument(
+        "--pdq", action="store_true", help="also the PDQ hash and its quality (0-100)"
+    )
     hash_.add_argument("--max-pixels", type=int, default=50_000_000)
     hash_.set_defaults(func=_cmd_hash)
 

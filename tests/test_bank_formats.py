@@ -164,3 +164,25 @@ def test_banks_command_without_redis(tmp_path: Path) -> None:
         result.stderr.startswith("phash-trio: Redis unavailable")
         and len(result.stderr.splitlines()) == 1
     )
+
+
+def test_hash_command_prints_pdq(tmp_path: Path) -> None:
+    """`hash --pdq` prints mean hash, PDQ and quality, the PDQ within 2 bits of HMA's."""
+    from threatexchange.signal_type.pdq.pdq_hasher import pdq_from_bytes
+
+    from phash_trio.image.pdq import pdq_distance
+    from phash_trio.testing.capture import IMAGES_DIR
+
+    coffee = IMAGES_DIR / "coffee.jpg"
+    result = subprocess.run(
+        [sys.executable, "-m", "phash_trio", "hash", "--pdq", "--json", str(coffee)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)
+    assert row["phash"] == "fcfcfdd9810181c3"
+    hma, quality = pdq_from_bytes(coffee.read_bytes())
+    assert pdq_distance(row["pdq"], hma) <= 2 and row["quality"] == quality
