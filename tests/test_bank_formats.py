@@ -72,6 +72,16 @@ def test_stopncii_json() -> None:
         "item 5: expected an object",
     ]
     assert parse_text("{not json", "stopncii").errors[0].startswith("item 1: invalid JSON")
+    deep = "[" * 100_000 + "]" * 100_000
+    assert parse_text(deep, "stopncii").errors[0].startswith("item 1: invalid JSON")
+
+
+def test_csv_with_a_huge_field_is_one_error() -> None:
+    """A field past the csv module's limit ends the file with one error line, no traceback."""
+    text = f"{P1},100,a.jpg\n{P2},100,{'x' * 200_000}\n"
+    parsed = parse_text(text, "pdq-csv")
+    assert len(parsed.entries) == 1
+    assert parsed.errors == ["line 2: CSV error: field larger than field limit (131072)"]
 
 
 def test_threatexchange_te_csv(tmp_path: Path) -> None:

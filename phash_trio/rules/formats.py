@@ -89,8 +89,22 @@ def _lines(text: str, default_type: str) -> Iterator[tuple[int, BankEntry | str]
             yield number, str(exc)
 
 
+def _csv_rows(text: str) -> Iterator[tuple[int, list[str] | str]]:
+    """CSV rows with their line numbers; a malformed row (a huge field, a NUL) ends the file
+    with one error naming its line."""
+    reader = csv.reader(io.StringIO(text))
+    try:
+        for row in reader:
+            yield reader.line_num, row
+    except csv.Error as exc:
+        yield reader.line_num, f"CSV error: {exc}"
+
+
 def _pdq_csv(text: str) -> Iterator[tuple[int, BankEntry | str]]:
-    for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
+    for number, row in _csv_rows(text):
+        if isinstance(row, str):
+            yield number, row
+            continue
         if not row or not "".join(row).strip():
             continue
         if number == 1 and [c.strip().lower() for c in row] == ["hash", "quality", "filename"]:
@@ -137,7 +151,10 @@ def _stopncii(text: str) -> Iterator[tuple[int, BankEntry | str]]:
 
 def _te(text: str, te_type: str) -> Iterator[tuple[int, BankEntry | str]]:
     kind = _TE_TYPES.get(te_type.upper(), te_type.lower())
-    for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
+    for number, row in _csv_rows(text):
+        if isinstance(row, str):
+            yield number, row
+            continue
         if not row:
             continue
         if len(row) not in (4, 5):
