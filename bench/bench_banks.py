@@ -210,7 +210,7 @@ def main() -> None:
             f" RSS +{first - base:.0f} MB, arrays {index.nbytes / 2**20:.0f} MB"
             f" (target <= 300 MB: {verdict(first - base <= 300 or n > 1_000_000)})"
         )
-        codes = pdq._codes[: pdq.keys_used]
+        codes = pdq.rows(np.arange(pdq.keys_used))
         p50, p99, worst, rate, c50, c99 = time_lookups(pdq, codes, 31, args.lookups, 1)
         cpu_rate = 1e3 / c50 if c50 else 0.0
         print(
