@@ -186,7 +186,8 @@ def main() -> None:
     n = args.pdq_hashes
     print(f"load average before: {load()} (2 cores shared with other work)")
 
-    bench_photos(args.photos)
+    if args.photos:
+        bench_photos(args.photos)
 
     rng = random.Random(12)
     hexes = [rng.getrandbits(256).to_bytes(32, "big").hex() for _ in range(n)]
@@ -244,6 +245,8 @@ def main() -> None:
         client.close()
 
     m = args.mean_hashes
+    if not m:
+        return
     mrng = np.random.default_rng(5)
     mean_codes = mrng.integers(0, 2**64, size=(m, 1), dtype=np.uint64)
     mean_index = HashIndex(64)
