@@ -85,6 +85,8 @@ async def _retry(
     tracker = CursorTracker()
     decided = failed_again = unreadable = 0
     async with open_processor(settings, rules, metrics, store, tracker) as processor:
+        if processor.matcher is not None and processor.matcher.banks is not None:
+            await processor.matcher.banks.reload("dead-letters retry")  # the rules name banks
         for letter in letters:
             try:
                 job = job_from_json(letter["job"])
