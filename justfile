@@ -35,7 +35,7 @@ lint:
     {{venv}}/bin/ruff format --check phash_trio tests bench e2e_ozone
     {{venv}}/bin/mypy phash_trio
 
-# Benchmarks: hashing, rule lookup, end-to-end pipeline. Prints figures.
+# Benchmarks: hashing, rule lookup, end-to-end pipeline, banks (PDQ/mean-hash index at 1 M). Prints figures.
 bench:
     {{py}} bench/bench_hash.py
     {{py}} bench/bench_match.py
@@ -44,7 +44,7 @@ bench:
 # Fuzz mean_hash: mutated real JPEG/PNG/GIF/WebP in limited child processes; findings -> fuzz-findings/.
 fuzz cases="20000" seed="1" target="mean_hash":
     {{py}} -m phash_trio.testing.fuzz --cases {{cases}} --seed {{seed}} --target {{target}}
-
 # Cost of each hostile-input class (CPU, peak RSS) at the default limits.
 hostile:
     {{py}} -m phash_trio.testing.hostile
+    {{py}} bench/bench_banks.py

@@ -32,7 +32,6 @@ from loguru import logger
 
 from phash_trio.events import ACCOUNT_PERIOD_SECS, REASON_OTHER, ActionKind, build_event
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.matching import Match
 from phash_trio.metrics import Metrics
 from phash_trio.ozone import (
     OzoneAuthError,
@@ -41,6 +40,7 @@ from phash_trio.ozone import (
     OzoneRejected,
     OzoneUnavailable,
 )
+from phash_trio.rules.index import Match
 from phash_trio.store import CLAIM_PENDING_PREFIX, RedisStore, StoreError
 
 __all__ = ["Actions", "ActionsRejected", "RateSpacer", "claim_key", "planned_actions"]
@@ -159,10 +159,11 @@ class Actions:
             label=rule.label,
             rule_comment=rule.comment,
             rule_name=rule.label,
-            phash_hex=f"{match.phash:016x}",
-            matched_hex=f"{match.matched_phash:016x}",
+            phash_hex=match.phash_hex,
+            matched_hex=match.matched_hex,
             distance=match.distance,
             created_by=created_by,
+            match_meta=match.meta,
             now=self.wall_now(),
             time_us=job.time_us,
             reason_type=self.report_reason_type,

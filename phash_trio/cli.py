@@ -1,4 +1,4 @@
-"""``phash-trio run | hash FILE… | rules check FILE | dead-letters list|retry|purge``.
+"""``phash-trio run | hash FILE… | rules check FILE | dead-letters … | banks …``.
 
 Exit codes: 0 success; 1 some input failed (``hash``, ``rules check``); 2 bad configuration or
 rule file at start-up (one line on stderr, no traceback).
@@ -31,13 +31,19 @@ def _cmd_hash(args: argparse.Namespace) -> int:
     """One line per file: the hash on stdout, or the error on stderr; nothing else."""
     from phash_trio.image.meanhash import ImageError, format_hash, mean_hash
     from phash_trio.image.quiet import quiet_stderr
+    from phash_trio.image.signals import compute_signals
 
     status = 0
     for name in args.files:
+        pdq = None
         try:
             data = _read_capped(Path(name), args.max_bytes)
             with quiet_stderr():
-                hex_hash = format_hash(mean_hash(data, max_pixels=args.max_pixels))
+                if args.pdq:
+                    signals = compute_signals(data, max_pixels=args.max_pixels)
+                    hex_hash, pdq = format_hash(signals.mean), signals.pdq
+                else:
+                    hex_hash = format_hash(mean_hash(data, max_pixels=args.max_pixels))
         except (ImageError, OSError) as exc:
             status = 1
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -46,7 +52,16 @@ def _cmd_hash(args: argparse.Namespace) -> int:
             else:
                 print(f"error: {name}: {message}", file=sys.stderr)
             continue
-        if args.json:
+        if pdq is not None:
+            if args.json:
+                print(
+                    json.dumps(
+                        {"file": name, "phash": hex_hash, "pdq": pdq.hex, "quality": pdq.quality}
+                    )
+                )
+            else:
+                print(f"{hex_hash}  {pdq.hex}  {pdq.quality:3d}  {name}")
+        elif args.json:
             print(json.dumps({"file": name, "phash": hex_hash}))
         else:
             print(f"{hex_hash}  {name}")
@@ -54,16 +69,21 @@ def _cmd_hash(args: argparse.Namespace) -> int:
 
 
 def _cmd_rules_check(args: argparse.Namespace) -> int:
-    from phash_trio.config import ConfigError, load_settings
-    from phash_trio.rulecheck import rules_check
+    from phash_trio.config import ConfigError, Settings, load_settings
+    from phash_trio.rules.bankcli import known_banks
+    from phash_trio.rules.check import rules_check
 
-    threshold = args.threshold
-    if threshold is None:
-        try:
-            threshold = load_settings().phash_hamming_threshold
-        except ConfigError:
-            threshold = 3
-    status = rules_check(Path(args.file), default_threshold=threshold)
+    try:
+        settings = load_settings()
+    except ConfigError:
+        settings = Settings()
+    threshold = settings.phash_hamming_threshold if args.threshold is None else args.threshold
+    status = rules_check(
+        Path(args.file),
+        default_threshold=threshold,
+        pdq_threshold=settings.pdq_hamming_threshold,
+        known_banks=lambda: known_banks(settings.redis_url),
+    )
     if status != 0 or not args.ozone:
         return status
     return _rules_check_ozone(Path(args.file))
@@ -74,8 +94,8 @@ def _rules_check_ozone(path: Path) -> int:
     import trio
 
     from phash_trio.config import ConfigError, load_settings
-    from phash_trio.model import load_rules
     from phash_trio.ozone_check import print_ozone_check
+    from phash_trio.rules.model import load_rules
 
     try:
         settings = load_settings()
@@ -95,8 +115,8 @@ def _rules_check_ozone(path: Path) -> int:
 def _load_or_exit() -> tuple[object, object]:
     """Settings and rule index, or exit 2 with one line."""
     from phash_trio.config import ConfigError, load_settings
-    from phash_trio.matching import RuleIndex
-    from phash_trio.model import RuleFileError, load_rules
+    from phash_trio.rules.index import RuleIndex
+    from phash_trio.rules.model import RuleFileError, load_rules
 
     try:
         settings = load_settings()
@@ -122,8 +142,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from phash_trio.config import Settings
-    from phash_trio.logs import configure_logging
-    from phash_trio.matching import RuleIndex
+    from phash_trio.logs import configure_logging, flush_logs
+    from phash_trio.rules.index import RuleIndex
     from phash_trio.service import StartupError, run_service
 
     settings, rules = _load_or_exit()
@@ -135,6 +155,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         reason = _startup_reason(exc, StartupError)
         if reason is None:
             raise
+        flush_logs()  # the log writer thread first, so the reason is the last line
         print(f"phash-trio: cannot start: {reason}", file=sys.stderr)
         return 2
 
@@ -158,8 +179,8 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
 
     from phash_trio.config import Settings
     from phash_trio.deadletters import dead_letters_command
-    from phash_trio.logs import configure_logging
-    from phash_trio.matching import RuleIndex
+    from phash_trio.logs import configure_logging, flush_logs
+    from phash_trio.rules.index import RuleIndex
 
     settings, rules = _load_or_exit()
     assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
@@ -179,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     hash_ = sub.add_parser("hash", help="print the 8x8 mean hash of image files")
     hash_.add_argument("files", nargs="+", metavar="FILE")
     hash_.add_argument("--json", action="store_true", help="one JSON object per line")
+    hash_.add_argument(
+        "--pdq", action="store_true", help="also the PDQ hash and its quality (0-100)"
+    )
     hash_.add_argument("--max-pixels", type=int, default=50_000_000)
     hash_.add_argument(
         "--max-bytes",
@@ -208,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("action", choices=["list", "retry", "purge"])
     dead.add_argument("--limit", type=int, default=100, help="at most this many (list, retry)")
     dead.set_defaults(func=_cmd_dead_letters)
+
+    from phash_trio.rules.bankcli import add_banks_parser
+
+    add_banks_parser(sub)
     return parser
 
 

@@ -14,11 +14,12 @@ from phash_trio.config import Settings
 from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.identity import PdsResolver
 from phash_trio.image.pool import HashPool
-from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.net.transport import guarded_transport
 from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor
+from phash_trio.rules.index import RuleIndex
+from phash_trio.rules.matcher import build_matcher
 from phash_trio.store import RedisStore
 
 __all__ = ["open_processor"]
@@ -47,6 +48,7 @@ async def open_processor(
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=40)
     timeout = httpx.Timeout(settings.blob_download_timeout_secs)
     hasher = HashPool.from_settings(settings, metrics)
+    matcher = build_matcher(settings, rules, metrics.registry)
     try:
         # Hosts named by strangers (PDS, did:web) go through a client that connects only to
         # the public addresses it checked; operator-configured hosts through the plain one.
@@ -97,7 +99,10 @@ async def open_processor(
                 job_deadline=settings.job_deadline_secs,
                 max_image_pixels=settings.max_image_pixels,
                 max_blob_bytes=settings.max_blob_bytes,
+                matcher=matcher,
             )
             yield processor
     finally:
-        hasher.close()  # the workers stop once their current image is done
+        hasher.close()
+        if matcher.banks is not None:
+            matcher.banks.store.close()  # the workers stop once their current image is done

@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -109,6 +109,10 @@ def reason_accepted(reason: str, listed: Sequence[str] | None) -> bool:
 def account_period(time_us: int) -> int:
     """The period (``ACCOUNT_PERIOD_SECS`` long) a post's Jetstream ``time_us`` falls in."""
     return time_us // (ACCOUNT_PERIOD_SECS * 1_000_000)
+
+
+#: A matched hash: mean hash (16), MD5 (32), PDQ or SHA-256 (64 hex digits).
+_MATCHED_RE = re.compile(r"^(?:[0-9a-f]{16}|[0-9a-f]{32}|[0-9a-f]{64})$")
 
 
 class EventError(ValueError):
@@ -254,6 +258,7 @@ def build_event(
     blob_cid: str | None = None,
     post_blob_cids: Sequence[str] = (),
     reason_type: str = REASON_OTHER,
+    match_meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The full emitEvent body for ``kind``.
 
@@ -284,9 +289,10 @@ def build_event(
     if isinstance(time_us, bool) or not isinstance(time_us, int) or time_us < 0:
         raise EventError(f"time_us: {time_us!r} is not a non-negative whole number")
     _check_hex("phash_hex", phash_hex)
-    _check_hex("matched_hex", matched_hex)
-    if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance <= 64:
-        raise EventError(f"distance: {distance!r} is not a whole number from 0 to 64")
+    if not isinstance(matched_hex, str) or not _MATCHED_RE.match(matched_hex):
+        raise EventError(f"matched_hex: {matched_hex!r} is not 16, 32 or 64 lowercase hex digits")
+    if isinstance(distance, bool) or not isinstance(distance, int) or not 0 <= distance <= 256:
+        raise EventError(f"distance: {distance!r} is not a whole number from 0 to 256")
     if blob_cid is not None:
         _require("blob_cid", blob_cid)
     for extra in post_blob_cids:
@@ -319,6 +325,8 @@ def build_event(
                 "matchedPhash": matched_hex,
                 "distance": distance,
                 "rule": rule_name,
+                # What matched (signal type, bank, content id): see rules.index.Match.meta.
+                **(match_meta or {}),
             },
         },
         "externalId": externalid(kind, subject, label, time_us),

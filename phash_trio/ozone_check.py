@@ -26,8 +26,8 @@ from loguru import logger
 from phash_trio.breaker import CircuitBreaker
 from phash_trio.config import Settings
 from phash_trio.events import reason_accepted
-from phash_trio.model import Rule
 from phash_trio.ozone import OzoneAuthError, OzoneClient, OzoneError, OzoneRejected
+from phash_trio.rules.model import Rule
 
 __all__ = [
     "GLOBAL_LABELS",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import attrs
@@ -31,12 +32,14 @@ from loguru import logger
 from phash_trio.actions import Actions
 from phash_trio.blobs import BlobError, BlobFetcher, BlobUnavailable
 from phash_trio.firehose.cursor import CursorTracker
-from phash_trio.image.meanhash import ImageError, format_hash
+from phash_trio.image.meanhash import ImageError
 from phash_trio.image.pool import HashPool
+from phash_trio.image.signals import BlobSignals, compute_signals
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.matching import Match, RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.ozone import OzoneAuthError, OzoneError, OzoneUnavailable
+from phash_trio.rules.index import Match, RuleIndex
+from phash_trio.rules.matcher import BlobMatcher
 from phash_trio.store import RedisStore, StoreError, backoff_delays
 
 __all__ = ["JobProcessor", "job_from_json", "job_to_json", "run_worker"]
@@ -97,15 +100,24 @@ class JobProcessor:
     job_deadline: float = 300.0
     max_image_pixels: int = 50_000_000
     max_blob_bytes: int = 2_000_000
+    #: Rules + PDQ + banks (issue 12); None: the rules' mean hashes only.
+    matcher: BlobMatcher | None = None
 
-    async def _hash_blob(self, job: ImageJob, blob: BlobRef, stage: _Stage) -> int | None:
-        """The blob's hash, or None for a bad blob (counted, logged, not retried)."""
+    def __attrs_post_init__(self) -> None:
+        if self.matcher is None:
+            self.matcher = BlobMatcher(self.rules)
+
+    async def _hash_blob(self, job: ImageJob, blob: BlobRef, stage: _Stage) -> BlobSignals | None:
+        """The blob's signals, or None for a bad blob (counted, logged, not retried)."""
+        assert self.matcher is not None
+        # The cache holds mean hashes only: with PDQ or banks in the rules, hash again.
+        full = self.matcher.needs_signals
         stage.name = "cache"
-        if self.cache_enabled:
+        if self.cache_enabled and not full:
             cached = await self.store.cache_get(blob.cid)
             if cached is not None:
                 self.metrics.cache_hits.inc()
-                return cached
+                return BlobSignals(mean=cached)
             self.metrics.cache_misses.inc()
         stage.name = "fetch"
         try:
@@ -119,9 +131,20 @@ class JobProcessor:
             return None
         stage.name = "hash"
         try:
-            phash = await self.hasher.hash(
-                data, max_pixels=self.max_image_pixels, max_bytes=self.max_blob_bytes
-            )
+            if full:
+                signals = await self.hasher.call(
+                    partial(
+                        compute_signals,
+                        data,
+                        max_pixels=self.max_image_pixels,
+                        max_bytes=self.max_blob_bytes,
+                    )
+                )
+            else:
+                phash = await self.hasher.hash(
+                    data, max_pixels=self.max_image_pixels, max_bytes=self.max_blob_bytes
+                )
+                signals = BlobSignals(mean=phash)
         except ImageError as exc:  # HashWorkerDied too: a blob that kills workers is bad
             self.metrics.blob_errors.labels(kind=_error_kind(exc)).inc()
             logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
@@ -129,29 +152,32 @@ class JobProcessor:
         self.metrics.blobs_processed.inc()
         if self.cache_enabled:
             stage.name = "cache"
-            await self.store.cache_set(blob.cid, phash, self.cache_ttl)
-        return phash
+            await self.store.cache_set(blob.cid, signals.mean, self.cache_ttl)
+        return signals
 
     async def _attempt(self, job: ImageJob, done: set[str], stage: _Stage) -> None:
         for blob in job.blobs:
             if blob.cid in done:
                 continue
-            phash = await self._hash_blob(job, blob, stage)
+            signals = await self._hash_blob(job, blob, stage)
             match: Match | None = None
-            if phash is not None:
+            if signals is not None:
                 stage.name = "match"
-                match = self.rules.match(phash, job.did)
+                assert self.matcher is not None
+                match = await self.matcher.match(signals, job.did)
             if match is not None:
                 self.metrics.matches_found.inc()
                 logger.info(
-                    "match: {} blob {} phash {} ~ {} (rule {} {!r}, distance {})",
+                    "match: {} blob {} phash {} ~ {} {} (rule {} {!r}, distance {}{})",
                     job.uri,
                     blob.cid,
-                    format_hash(match.phash),
-                    format_hash(match.matched_phash),
+                    match.phash_hex,
+                    match.signal_type,
+                    match.matched_hex,
                     match.rule_index,
                     match.rule.label,
                     match.distance,
+                    f", bank {match.bank} content {match.content_id}" if match.bank else "",
                 )
                 stage.name = "act"
                 try:

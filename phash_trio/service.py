@@ -35,11 +35,11 @@ from phash_trio.config import Settings
 from phash_trio.firehose.cursor import Checkpointer, CursorFile, CursorTracker, run_checkpointer
 from phash_trio.firehose.reader import ReaderConfig, ReaderState, run_reader
 from phash_trio.jobs import ImageJob
-from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.notify import Notifier, run_watchdog
 from phash_trio.ozone_check import check_at_start
 from phash_trio.pipeline import run_worker
+from phash_trio.rules.index import RuleIndex
 from phash_trio.runtime.progress import ProgressCheck
 from phash_trio.store import RedisStore, run_health_monitor
 
@@ -182,6 +182,9 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                         max_backoff=settings.redis_max_backoff_secs,
                     )
                 )
+                if processor.matcher is not None and processor.matcher.banks is not None:
+                    # Banks the rules name: loaded before the first post, then kept current.
+                    await root.start(processor.matcher.banks.run)
                 root.start_soon(
                     run_checkpointer, checkpointer, settings.cursor_update_interval_ms / 1000
                 )

@@ -31,10 +31,10 @@ from phash_trio.events import (
     externalid,
 )
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.matching import Match
 from phash_trio.metrics import Metrics
-from phash_trio.model import Rule
 from phash_trio.ozone import OzoneClient, OzoneRejected, OzoneUnavailable
+from phash_trio.rules.index import Match
+from phash_trio.rules.model import Rule
 from phash_trio.store import RedisStore, StoreError
 from phash_trio.testing.fake_ozone import ROLE_TRIAGE, FakeOzone, labeler_record, run_fake_ozone
 from phash_trio.testing.redis_server import RedisProcess
@@ -86,6 +86,7 @@ def expected_body(kind: ActionKind, j: ImageJob, m: Match, created_by: str) -> d
         matched_hex=f"{LISTED:016x}",
         distance=2,
         created_by=created_by,
+        match_meta={"signalType": "phash", "matchedHash": f"{LISTED:016x}", "distance": 2},
         now=NOW,
     )
 
@@ -190,6 +191,8 @@ async def test_each_flag_sends_exactly_its_event(
             "matchedPhash": "fcfcfdd9810181c0",
             "distance": 2,
             "rule": "example-coffee",
+            "signalType": "phash",
+            "matchedHash": "fcfcfdd9810181c0",
         },
     }
     assert sent["externalId"] == externalid(kind, subject_key, "example-coffee", j.time_us)

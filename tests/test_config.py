@@ -74,6 +74,10 @@ def test_systemd_state_directory_is_the_default_state_dir() -> None:
         ({"LABELER_DID": "did:example:x"}, "LABELER_DID: 'did:example:x' is not a did:plc"),
         ({"BLOB_TOTAL_TIMEOUT_SECS": "nan"}, "BLOB_TOTAL_TIMEOUT_SECS: 'nan' is not valid"),
         ({"OZONE_REPORT_REASON_TYPE": "reasonOther"}, "OZONE_REPORT_REASON_TYPE: 'reasonOther'"),
+        ({"PDQ_HAMMING_THRESHOLD": "257"}, "PDQ_HAMMING_THRESHOLD: 257 is above 256"),
+        ({"PDQ_QUALITY_MIN": "101"}, "PDQ_QUALITY_MIN: 101 is above 100"),
+        ({"BANKS_POLL_SECS": "0"}, "BANKS_POLL_SECS: 0.0 is below the minimum 0.05"),
+        ({"BANKS_LOG_MAXLEN": "10"}, "BANKS_LOG_MAXLEN: 10 is below the minimum 100"),
         (
             {"AUTOMOD_HANDLE": "mod.example", "OZONE_PDS": "https://pds.example"},
             "AUTOMOD_PASSWORD: missing",

@@ -13,9 +13,9 @@ import trio
 
 from phash_trio.breaker import CircuitBreaker
 from phash_trio.events import LEGACY_REASON_OTHER, REASON_OTHER
-from phash_trio.model import Rule
 from phash_trio.ozone import OzoneClient
 from phash_trio.ozone_check import check_ozone, role_name
+from phash_trio.rules.model import Rule
 from phash_trio.testing.fake_ozone import (
     ROLE_ADMIN,
     ROLE_TRIAGE,

@@ -1,17 +1,20 @@
 """``phash-trio rules check FILE``: validate a rule file before deploying it.
 
 Prints what the service would do with the file (rules, hashes, thresholds, actions, ignored
-authors, warnings) and returns 0, or prints every error, one per line, and returns 1.
+authors, banks, warnings) and returns 0, or prints every error, one per line, and returns 1.
+Banks the rules name are looked up in Redis when it can be reached (a bank that does not exist
+is a warning: it may be created later); when it cannot, the output says so.
 """
 
 from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from phash_trio.model import Rule, RuleFileError, load_rules
+from phash_trio.rules.model import Rule, RuleFileError, load_rules
 
 __all__ = ["rules_check"]
 
@@ -20,13 +23,21 @@ def _plural(count: int, word: str, words: str | None = None) -> str:
     return f"{count} {word if count == 1 else words or word + 's'}"
 
 
-def _describe_rule(index: int, rule: Rule, default_threshold: int) -> str:
+def _describe_rule(index: int, rule: Rule, default_threshold: int, pdq_default: int) -> str:
     threshold = rule.threshold(default_threshold)
     parts = [
         _plural(len(rule.phashes), "hash", "hashes"),
         f"threshold {threshold}" + (" (default)" if rule.hamming_threshold is None else ""),
         "actions: " + (", ".join(rule.actions) if rule.actions else "none (log only)"),
     ]
+    if rule.pdq_hashes or rule.banks:
+        limit = rule.pdq_limit(pdq_default)
+        default = " (default)" if rule.pdq_threshold is None else ""
+        parts.append(
+            f"{_plural(len(rule.pdq_hashes), 'PDQ hash', 'PDQ hashes')}, PDQ threshold {limit}{default}"
+        )
+    if rule.banks:
+        parts.append("banks: " + ", ".join(rule.banks))
     if rule.ignore_did:
         parts.append(f"ignores {_plural(len(rule.ignore_did), 'DID')}")
     if rule.max_actions_per_day is not None:
@@ -37,8 +48,19 @@ def _describe_rule(index: int, rule: Rule, default_threshold: int) -> str:
     return line
 
 
-def rules_check(path: Path, default_threshold: int = 3, out: TextIO | None = None) -> int:
-    """Check the rule file at ``path``; print a summary (0) or every error (1) to ``out``."""
+def rules_check(
+    path: Path,
+    default_threshold: int = 3,
+    out: TextIO | None = None,
+    *,
+    pdq_threshold: int = 31,
+    known_banks: Callable[[], set[str] | str] | None = None,
+) -> int:
+    """Check the rule file at ``path``; print a summary (0) or every error (1) to ``out``.
+
+    ``known_banks`` is called if some rule names a bank: the banks in Redis, or why they could
+    not be read (None: banks are not checked).
+    """
     stream = sys.stdout if out is None else out
     try:
         ruleset = load_rules(path)
@@ -59,7 +81,7 @@ def rules_check(path: Path, default_threshold: int = 3, out: TextIO | None = Non
         file=stream,
     )
     for index, rule in enumerate(rules):
-        print(_describe_rule(index, rule, default_threshold), file=stream)
+        print(_describe_rule(index, rule, default_threshold, pdq_threshold), file=stream)
     used = Counter(rule.threshold(default_threshold) for rule in rules)
     if used:
         summary = ", ".join(f"{t} ({_plural(n, 'rule')})" for t, n in sorted(used.items()))
@@ -67,8 +89,22 @@ def rules_check(path: Path, default_threshold: int = 3, out: TextIO | None = Non
     ignored = sum(len(rule.ignore_did) for rule in rules)
     if ignored:
         print(f"ignoreDID: {_plural(ignored, 'DID')} in total", file=stream)
-    if ruleset.warnings:
-        print(f"{_plural(len(ruleset.warnings), 'warning')}:", file=stream)
-        for warning in ruleset.warnings:
+    warnings = list(ruleset.warnings)
+    named = sorted({bank for rule in rules for bank in rule.banks})
+    found = known_banks() if named and known_banks is not None else None
+    if isinstance(found, str):
+        print(f"banks not checked: {found}", file=stream)
+    elif found is not None:
+        for index, rule in enumerate(rules):
+            for bank in rule.banks:
+                if bank not in found:
+                    warnings.append(
+                        f"rule {index} ({rule.label!r}): banks: {bank!r} is not a bank in Redis"
+                        " (nothing will match it until it is created)"
+                    )
+        print(f"banks: {', '.join(named)} (checked in Redis)", file=stream)
+    if warnings:
+        print(f"{_plural(len(warnings), 'warning')}:", file=stream)
+        for warning in warnings:
             print(f"  warning: {warning}", file=stream)
     return 0
