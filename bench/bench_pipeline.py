@@ -41,8 +41,8 @@ from typing import Any
 import httpx
 import trio
 
+from phash_trio.firehose.events import parse_event
 from phash_trio.image.meanhash import mean_hash
-from phash_trio.jetstream import parse_event
 from phash_trio.testing.blobhost import cid_for
 from phash_trio.testing.capture import CaptureBuilder, demo_images
 from phash_trio.testing.localnet import LocalNetwork, ServiceProcess, run_local_network

@@ -24,6 +24,7 @@ and the PLC one inside :class:`~phash_trio.identity.PdsResolver`. A 404-like ans
 from __future__ import annotations
 
 import enum
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -34,7 +35,7 @@ import trio
 from loguru import logger
 
 from phash_trio import identity
-from phash_trio.breaker import BreakerOpen, BreakerState, CircuitBreaker
+from phash_trio.breaker import BreakerOpen, CircuitBreaker
 from phash_trio.config import Settings
 from phash_trio.identity import (
     IdentityError,
@@ -46,6 +47,7 @@ from phash_trio.identity import (
     read_capped,
 )
 from phash_trio.metrics import Metrics
+from phash_trio.net.transport import refused_address
 
 __all__ = [
     "BlobError",
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BYTES = 2_000_000
-#: Past this many PDS breakers, healthy ones are forgotten (did:web makes hosts cheap to invent).
+#: PDS breakers kept, least recently used dropped first (did:web makes hosts cheap to invent).
 MAX_PDS_BREAKERS = 10_000
 _GET_BLOB = "/xrpc/com.atproto.sync.getBlob"
 
@@ -164,8 +166,13 @@ class BlobFetcher:
         allow_private_networks: bool = False,
         cdn_breaker: CircuitBreaker | None = None,
         pds_breaker_factory: Callable[[str], CircuitBreaker] | None = None,
+        pds_client: httpx.AsyncClient | None = None,
+        max_pds_breakers: int = MAX_PDS_BREAKERS,
     ) -> None:
         self._client = client
+        self._max_pds_breakers = max_pds_breakers
+        #: For PDS hosts (untrusted: see :func:`phash_trio.net.transport.guarded_transport`).
+        self._pds_client = pds_client or client
         self._cdn_url = cdn_url.rstrip("/")
         self._resolver = resolver
         self._metrics = metrics
@@ -181,7 +188,7 @@ class BlobFetcher:
             on_reject=metrics.on_breaker_reject,
         )
         self._pds_breaker_factory = pds_breaker_factory or self._default_pds_breaker
-        self._pds_breakers: dict[str, CircuitBreaker] = {}
+        self._pds_breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
 
     @classmethod
     def from_settings(
@@ -190,9 +197,11 @@ class BlobFetcher:
         client: httpx.AsyncClient,
         resolver: PdsResolver,
         metrics: Metrics,
+        pds_client: httpx.AsyncClient | None = None,
     ) -> BlobFetcher:
         return cls(
             client,
+            pds_client=pds_client,
             cdn_url=settings.cdn_url,
             resolver=resolver,
             metrics=metrics,
@@ -214,19 +223,24 @@ class BlobFetcher:
         )
 
     def pds_breaker(self, host: str) -> CircuitBreaker:
-        """The breaker of one PDS host (``host[:port]``), created on first use."""
+        """The breaker of one PDS host (``host[:port]``), created on first use.
+
+        At most ``max_pds_breakers`` are kept, least recently used dropped first: an invented
+        host per post cannot grow memory, and a dropped open breaker costs one request later.
+        """
         host = host.lower()
         breaker = self._pds_breakers.get(host)
         if breaker is None:
-            if len(self._pds_breakers) >= MAX_PDS_BREAKERS:
-                self._forget_healthy_breakers()
             breaker = self._pds_breakers[host] = self._pds_breaker_factory(host)
+            while len(self._pds_breakers) > self._max_pds_breakers:
+                self._pds_breakers.popitem(last=False)
+        else:
+            self._pds_breakers.move_to_end(host)
         return breaker
 
-    def _forget_healthy_breakers(self) -> None:
-        for host, breaker in list(self._pds_breakers.items()):
-            if breaker.current_state() is BreakerState.CLOSED and not breaker.consecutive_failures:
-                del self._pds_breakers[host]
+    @property
+    def pds_breaker_count(self) -> int:
+        return len(self._pds_breakers)
 
     def cdn_blob_url(self, did: str, cid: str) -> str:
         return f"{self._cdn_url}/img/feed_fullsize/plain/{did}/{cid}@jpeg"
@@ -260,7 +274,7 @@ class BlobFetcher:
         cdn_url = self.cdn_blob_url(did, cid)
         steps.append(f"CDN {cdn_url}")
         try:
-            return await self._download("CDN", cdn_url, None, self.cdn_breaker)
+            return await self._download("CDN", cdn_url, None, self.cdn_breaker, self._client)
         except _SourceFailed as exc:
             failures.append(exc.failure)
             logger.debug("blob {} of {}: {}; trying the PDS", cid, did, exc.failure.detail)
@@ -269,7 +283,7 @@ class BlobFetcher:
             # resolve() checks the PDS URL on every call; check here only if we are stricter.
             url = await self._resolver.resolve(did) + _GET_BLOB
             if self._resolver.allow_private_networks and not self._allow_private:
-                await check_public_url(url, did)
+                url = await check_public_url(url, did)
         except ResolutionFailed as exc:
             retry_at = exc.retry_at if exc.breaker_open else None
             failures.append(_Failure(_Kind.TRANSIENT, f"PDS lookup: {exc}", retry_at=retry_at))
@@ -280,13 +294,20 @@ class BlobFetcher:
         breaker = self.pds_breaker(urlsplit(url).netloc)
         steps.append(f"PDS {url}")
         try:
-            return await self._download("PDS", url, {"did": did, "cid": cid}, breaker)
+            return await self._download(
+                "PDS", url, {"did": did, "cid": cid}, breaker, self._pds_client
+            )
         except _SourceFailed as exc:
             failures.append(exc.failure)
             return None
 
     async def _download(
-        self, source: str, url: str, params: dict[str, str] | None, breaker: CircuitBreaker
+        self,
+        source: str,
+        url: str,
+        params: dict[str, str] | None,
+        breaker: CircuitBreaker,
+        client: httpx.AsyncClient,
     ) -> bytes:
         """One attempt through ``breaker``; raises :class:`_SourceFailed`."""
         try:
@@ -299,11 +320,11 @@ class BlobFetcher:
         # half-open probe slot, and closing the breaker on no evidence would be wrong.
         record = breaker.record_failure
         try:
-            data = await self._download_once(source, url, params)
+            data = await self._download_once(source, url, params, client)
             record = breaker.record_success
             return data
         except _SourceFailed as exc:
-            if exc.failure.kind is _Kind.NOT_FOUND:
+            if exc.failure.kind in (_Kind.NOT_FOUND, _Kind.UNREACHABLE):
                 record = breaker.record_neutral
             elif exc.failure.kind is _Kind.TOO_LARGE:
                 record = breaker.record_success  # it answered properly
@@ -311,13 +332,15 @@ class BlobFetcher:
         finally:
             record()
 
-    async def _download_once(self, source: str, url: str, params: dict[str, str] | None) -> bytes:
+    async def _download_once(
+        self, source: str, url: str, params: dict[str, str] | None, client: httpx.AsyncClient
+    ) -> bytes:
         where = f"{source} {url}"
         limit = self._max_bytes
         body = b""
         try:
             with trio.fail_after(self._attempt_timeout):
-                async with self._client.stream(
+                async with client.stream(
                     "GET",
                     url,
                     params=params,
@@ -364,9 +387,14 @@ class BlobFetcher:
                 )
             ) from None
         except httpx.HTTPError as exc:
+            refused = refused_address(exc)
+            if refused is not None:  # the host rebound to a private address since the check
+                raise _SourceFailed(_Failure(_Kind.UNREACHABLE, f"{where}: {refused}")) from None
             raise _SourceFailed(
                 _Failure(_Kind.TRANSIENT, f"{where}: {type(exc).__name__}: {exc}")
             ) from None
+        except httpx.InvalidURL as exc:  # endpoints are checked first; still never fatal
+            raise _SourceFailed(_Failure(_Kind.UNREACHABLE, f"{where}: {exc}")) from None
         return body
 
     def _error(self, did: str, cid: str, failures: list[_Failure]) -> BlobError:

@@ -10,12 +10,13 @@ import httpx
 from phash_trio.actions import Actions, RateSpacer
 from phash_trio.blobs import BlobFetcher
 from phash_trio.breaker import CircuitBreaker
-from phash_trio.checkpoint import CursorTracker
 from phash_trio.config import Settings
+from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.identity import PdsResolver
 from phash_trio.image.pool import HashPool
 from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
+from phash_trio.net.transport import guarded_transport
 from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor
 from phash_trio.store import RedisStore
@@ -47,9 +48,21 @@ async def open_processor(
     timeout = httpx.Timeout(settings.blob_download_timeout_secs)
     hasher = HashPool.from_settings(settings, metrics)
     try:
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
-            resolver = PdsResolver.from_settings(settings, http, metrics)
-            fetcher = BlobFetcher.from_settings(settings, http, resolver, metrics)
+        # Hosts named by strangers (PDS, did:web) go through a client that connects only to
+        # the public addresses it checked; operator-configured hosts through the plain one.
+        untrusted_transport = guarded_transport(
+            allow_private=settings.allow_private_networks, limits=limits
+        )
+        async with (
+            httpx.AsyncClient(limits=limits, timeout=timeout) as http,
+            httpx.AsyncClient(
+                transport=untrusted_transport, timeout=timeout, trust_env=False
+            ) as untrusted,
+        ):
+            resolver = PdsResolver.from_settings(settings, http, metrics, web_client=untrusted)
+            fetcher = BlobFetcher.from_settings(
+                settings, http, resolver, metrics, pds_client=untrusted
+            )
             ozone: OzoneClient | None = None
             if not dry_run:
                 ozone = OzoneClient.from_settings(
@@ -80,6 +93,7 @@ async def open_processor(
                 retry_attempts=settings.retry_attempts,
                 retry_delay=settings.retry_delay_ms / 1000,
                 breaker_wait_max=settings.breaker_wait_max_secs,
+                job_deadline=settings.job_deadline_secs,
                 max_image_pixels=settings.max_image_pixels,
                 max_blob_bytes=settings.max_blob_bytes,
             )

@@ -46,6 +46,12 @@ class Settings:
 
     jetstream_url: str = DEFAULT_JETSTREAM_URL
     jetstream_fallback_urls: tuple[str, ...] = DEFAULT_JETSTREAM_FALLBACK_URLS
+    #: Seconds every Jetstream reconnect rewinds (instances' clocks differ by seconds).
+    jetstream_rewind_secs: float = 10.0
+    #: Consecutive failed connections before moving to the next Jetstream URL.
+    jetstream_failover_after: int = 3
+    #: Seconds on a fallback Jetstream before going back to the primary.
+    jetstream_failback_secs: float = 600.0
     redis_url: str = "redis://localhost:6379"
     plc_endpoint: str = "https://plc.directory"
     pds_endpoint: str = "https://bsky.social"
@@ -78,6 +84,8 @@ class Settings:
     allow_private_networks: bool = False
     #: How long a job held up only by an open circuit breaker may wait before it fails.
     breaker_wait_max_secs: float = 900.0
+    #: Seconds after which a job is dead-lettered whatever holds it (the cursor waits no longer).
+    job_deadline_secs: float = 300.0
     #: Seconds the Ozone circuit breaker stays open before it lets a probe through.
     ozone_breaker_reset_secs: float = 60.0
     #: Per-rule daily action cap used when a rule has no ``maxActionsPerDay``.
@@ -163,6 +171,9 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "OZONE_PDS": ("ozone_pds", _parse_str, None),
     "JETSTREAM_URL": ("jetstream_url", _parse_str, None),
     "JETSTREAM_FALLBACK_URLS": ("jetstream_fallback_urls", _parse_urls, None),
+    "JETSTREAM_REWIND_SECS": ("jetstream_rewind_secs", _parse_float, 0),
+    "JETSTREAM_FAILOVER_AFTER": ("jetstream_failover_after", _parse_int, 1),
+    "JETSTREAM_FAILBACK_SECS": ("jetstream_failback_secs", _parse_float, 1),
     "REDIS_URL": ("redis_url", _parse_str, None),
     "PLC_ENDPOINT": ("plc_endpoint", _parse_str, None),
     "PDS_ENDPOINT": ("pds_endpoint", _parse_str, None),
@@ -191,6 +202,7 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "ALLOW_PRIVATE_NETWORKS": ("allow_private_networks", _parse_bool, None),
     "BREAKER_WAIT_MAX_SECS": ("breaker_wait_max_secs", _parse_float, 0),
     "OZONE_BREAKER_RESET_SECS": ("ozone_breaker_reset_secs", _parse_float, 0.1),
+    "JOB_DEADLINE_SECS": ("job_deadline_secs", _parse_float, 1),
     "MAX_ACTIONS_PER_DAY": ("max_actions_per_day", _parse_int, 0),
     "HASH_THREADS": ("hash_threads", _parse_int, 0),
     "HASH_PROCESSES": ("hash_processes", _parse_int, 0),

@@ -14,9 +14,9 @@ from typing import Any, TextIO
 import cattrs
 import trio
 
-from phash_trio.checkpoint import CursorTracker
 from phash_trio.components import open_processor
 from phash_trio.config import Settings
+from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.pipeline import job_from_json

@@ -21,11 +21,9 @@ The PDS URL itself is checked on every call (DNS may change within the hour).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -34,6 +32,14 @@ from loguru import logger
 from phash_trio.breaker import BreakerOpen, CircuitBreaker
 from phash_trio.config import Settings
 from phash_trio.metrics import Metrics
+from phash_trio.net.endpoints import (
+    BadEndpoint,
+    Resolve,
+    parse_endpoint,
+    public_addresses,
+    system_resolve,
+)
+from phash_trio.net.transport import refused_address
 from phash_trio.syntax import WEB_DID_RE, is_valid_cid, is_valid_did
 
 __all__ = [
@@ -114,58 +120,34 @@ class _UnexpectedStatus(ResolutionFailed):
         self.status = status
 
 
-def _address_is_unsafe(text: str) -> bool:
-    addr = ipaddress.ip_address(text.split("%", 1)[0])  # drop an IPv6 zone id
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return (
-        addr.is_private
-        or addr.is_loopback
-        or addr.is_link_local
-        or addr.is_reserved
-        or addr.is_multicast
-        or addr.is_unspecified
-        or not addr.is_global
-    )
+async def check_public_url(
+    url: object,
+    did: str,
+    *,
+    allow_private_networks: bool = False,
+    resolve: Resolve = system_resolve,
+) -> str:
+    """The URL, normalised (ASCII host), once its shape is sound and its host public.
 
-
-async def check_public_url(url: str, did: str, *, allow_private_networks: bool = False) -> None:
-    """Raise :class:`UnsafePdsUrl` unless ``url`` is https and every address of its host is public.
-
-    With ``allow_private_networks`` only the URL's shape is checked (http allowed). A host that
-    does not resolve raises :class:`ResolutionFailed` (DNS trouble is usually transient).
+    Every check lives in :mod:`phash_trio.net.endpoints`; any failure there becomes one
+    :class:`UnsafePdsUrl`. With ``allow_private_networks`` only the shape is checked (http and
+    private addresses allowed). A host that does not resolve raises :class:`ResolutionFailed`
+    (DNS trouble is usually transient). The connection itself is pinned to checked addresses
+    by :mod:`phash_trio.net.transport`, which closes the DNS-rebinding window after this check.
     """
     try:
-        parts = urlsplit(url)
-        port = parts.port
-        host = parts.hostname
-    except ValueError as exc:
-        raise UnsafePdsUrl(did, f"{url!r} is not a valid URL: {exc}") from None
-    if parts.scheme not in ("https", "http") or not host:
-        raise UnsafePdsUrl(did, f"{url!r} is not an http(s) URL with a host")
-    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
-        raise UnsafePdsUrl(did, f"{url!r} must not carry credentials, a query or a fragment")
+        endpoint = parse_endpoint(url, allow_private=allow_private_networks)
+    except BadEndpoint as exc:
+        raise UnsafePdsUrl(did, f"PDS URL {exc}") from None
     if allow_private_networks:
-        return
-    if parts.scheme != "https":
-        raise UnsafePdsUrl(did, f"{url!r} is not https")
+        return endpoint.url
     try:
-        literal: str | None = str(ipaddress.ip_address(host.split("%", 1)[0]))
-    except ValueError:
-        literal = None
-    if literal is not None:
-        addresses = [host]
-    else:
-        try:
-            infos = await trio.socket.getaddrinfo(host, port or 443, type=trio.socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ResolutionFailed(did, f"cannot resolve host of {url!r}: {exc}") from None
-        addresses = [str(info[4][0]) for info in infos]
-        if not addresses:
-            raise ResolutionFailed(did, f"host of {url!r} has no addresses")
-    for address in addresses:
-        if _address_is_unsafe(address):
-            raise UnsafePdsUrl(did, f"{url!r} resolves to non-public address {address}")
+        await public_addresses(endpoint.host, endpoint.port, resolve=resolve)
+    except BadEndpoint as exc:
+        raise UnsafePdsUrl(did, f"{endpoint.url} {exc.reason}") from None
+    except OSError as exc:
+        raise ResolutionFailed(did, f"cannot resolve host of {endpoint.url}: {exc}") from None
+    return endpoint.url
 
 
 def _pds_from_document(did: str, doc: Any) -> str:
@@ -239,8 +221,14 @@ class PdsResolver:
         did_web_base: Callable[[str], str] | None = None,
         plc_breaker: CircuitBreaker | None = None,
         metrics: Metrics | None = None,
+        web_client: httpx.AsyncClient | None = None,
+        resolve: Resolve = system_resolve,
     ) -> None:
         self._client = client
+        #: DNS lookups of the address check (injectable: tests play a rebinding DNS server).
+        self._resolve = resolve
+        #: For did:web hosts (untrusted: see :func:`phash_trio.net.transport.guarded_transport`).
+        self._web_client = web_client or client
         self._plc_endpoint = plc_endpoint.rstrip("/")
         self._timeout = timeout
         self._ttl = ttl
@@ -259,7 +247,11 @@ class PdsResolver:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, client: httpx.AsyncClient, metrics: Metrics | None = None
+        cls,
+        settings: Settings,
+        client: httpx.AsyncClient,
+        metrics: Metrics | None = None,
+        web_client: httpx.AsyncClient | None = None,
     ) -> PdsResolver:
         """PLC endpoint, per-attempt timeout and network policy from the service settings."""
         return cls(
@@ -268,6 +260,7 @@ class PdsResolver:
             timeout=settings.blob_download_timeout_secs,
             allow_private_networks=settings.allow_private_networks,
             metrics=metrics,
+            web_client=web_client,
         )
 
     @property
@@ -283,8 +276,9 @@ class PdsResolver:
         if not is_valid_did(did):
             raise InvalidDid(did, "not a valid did:plc or did:web")
         pds = await self._document_pds(did)
-        await check_public_url(pds, did, allow_private_networks=self._allow_private)
-        return pds
+        return await check_public_url(
+            pds, did, allow_private_networks=self._allow_private, resolve=self._resolve
+        )
 
     async def _document_pds(self, did: str) -> str:
         now = trio.current_time()
@@ -319,8 +313,10 @@ class PdsResolver:
             doc = await self._fetch_plc(did)
         else:
             url = f"{self._did_web_base(did_web_host(did)).rstrip('/')}/.well-known/did.json"
-            await check_public_url(url, did, allow_private_networks=self._allow_private)
-            doc = await self._fetch_document(did, url)
+            url = await check_public_url(
+                url, did, allow_private_networks=self._allow_private, resolve=self._resolve
+            )
+            doc = await self._fetch_document(did, url, self._web_client)
         pds = _pds_from_document(did, doc)
         logger.debug("resolved {} -> {}", did, pds)
         return pds
@@ -337,7 +333,7 @@ class PdsResolver:
             ) from None
         outcome = "failure"  # what a cancellation counts as (releases a half-open probe)
         try:
-            doc = await self._fetch_document(did, f"{self._plc_endpoint}/{did}")
+            doc = await self._fetch_document(did, f"{self._plc_endpoint}/{did}", self._client)
             outcome = "success"
             return doc
         except (DidNotFound, NoPdsInDocument):
@@ -356,11 +352,11 @@ class PdsResolver:
             else:
                 self.plc_breaker.record_failure()
 
-    async def _fetch_document(self, did: str, url: str) -> Any:
+    async def _fetch_document(self, did: str, url: str, client: httpx.AsyncClient) -> Any:
         """GET one DID document within the per-attempt timeout; map every failure to our errors."""
         try:
             with trio.fail_after(self._timeout):
-                async with self._client.stream(
+                async with client.stream(
                     "GET",
                     url,
                     headers={"accept": "application/did+ld+json, application/json"},
@@ -380,7 +376,12 @@ class PdsResolver:
         except trio.TooSlowError:
             raise ResolutionFailed(did, f"{url}: no answer within {self._timeout:g} s") from None
         except httpx.HTTPError as exc:
+            refused = refused_address(exc)
+            if refused is not None:
+                raise UnsafePdsUrl(did, f"{url}: {refused}") from None
             raise ResolutionFailed(did, f"{url}: {type(exc).__name__}: {exc}") from None
+        except httpx.InvalidURL as exc:  # parse_endpoint should have caught it; never fatal
+            raise UnsafePdsUrl(did, f"{url}: {exc}") from None
         try:
             return json.loads(body)
         except ValueError:

@@ -7,6 +7,11 @@ cid, endpoint, ...). Under systemd, when stderr is the journal (``JOURNAL_STREAM
 starts with a ``<N>`` syslog priority that journald strips and records, so
 ``journalctl -p warning`` works.
 
+Lines are written by a writer thread, never on the event loop: a stalled stderr (a journald
+that stops reading, a full pipe) must not freeze the service. The thread's queue is bounded;
+when it is full, lines are dropped and counted, and the count is written once the stream moves
+again. :func:`flush_logs` waits for the queue to drain (also run at exit).
+
 :func:`redact` is the last line of defence against a token reaching the journal: JWTs, bearer
 tokens, ``password=...``-style pairs and app passwords become ``[redacted]`` in messages, bound
 fields and tracebacks. Code must still never log secrets in the first place.
@@ -14,11 +19,14 @@ fields and tracebacks. Code must still never log secrets in the first place.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import queue
 import re
 import sys
+import threading
 import traceback
 from datetime import UTC
 from types import FrameType
@@ -29,7 +37,7 @@ from loguru import logger
 if TYPE_CHECKING:
     from loguru import Message, Record
 
-__all__ = ["FORMATS", "configure_logging", "redact"]
+__all__ = ["FORMATS", "LogWriter", "configure_logging", "flush_logs", "redact"]
 
 FORMATS = ("text", "json")
 REDACTED = "[redacted]"
@@ -54,6 +62,92 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 _handler_id: int | None = None
 _default_removed = False
+_writer: LogWriter | None = None
+
+#: Lines waiting for the writer thread at most; beyond, lines are dropped and counted.
+DEFAULT_QUEUE_LINES = 10_000
+
+
+class LogWriter:
+    """Writes lines to a stream from its own thread; ``put`` never blocks."""
+
+    def __init__(self, stream: TextIO, max_lines: int = DEFAULT_QUEUE_LINES) -> None:
+        self.stream = stream
+        self.max_lines = max_lines
+        #: Lines dropped because the queue was full (the stream did not keep up).
+        self.dropped = 0
+        self._unreported = 0
+        self._queue: queue.Queue[str | None] = queue.Queue(max_lines)
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, line: str) -> None:
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+            self._unreported += 1
+
+    def _run(self) -> None:
+        while True:
+            line = self._queue.get()
+            try:
+                if line is None:
+                    return
+                if self._unreported:
+                    lost, self._unreported = self._unreported, 0
+                    self._write(f"[{lost} log line(s) dropped: the log stream did not keep up]")
+                self._write(line)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, line: str) -> None:
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone or closed: nowhere left to say so
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued line is written (False if ``timeout`` passed first)."""
+        done = threading.Event()
+
+        def wait() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the thread."""
+        self.flush(timeout)
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+
+def flush_logs(timeout: float = 5.0) -> bool:
+    """Wait until every log line so far is written (tests, and the end of a command)."""
+    return _writer.flush(timeout) if _writer is not None else True
+
+
+@atexit.register
+def _close_writer() -> None:
+    if _writer is not None:
+        _writer.close()
+
+
+def _after_fork() -> None:
+    """A forked child has no writer thread (threads do not survive fork): start its own."""
+    global _writer
+    if _writer is not None:
+        _writer = LogWriter(_writer.stream, _writer.max_lines)
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def redact(text: str) -> str:
@@ -163,13 +257,14 @@ def configure_logging(
     *,
     sink: TextIO | None = None,
     journal: bool | None = None,
+    queue_lines: int = DEFAULT_QUEUE_LINES,
 ) -> None:
     """Send logs at ``level`` and above to ``sink`` (stderr) as ``fmt`` ('text' or 'json').
 
     ``journal`` forces the ``<N>`` priority prefix on or off; by default it is on only when
     stderr is the journal. Idempotent: the previous sink installed here is replaced.
     """
-    global _handler_id, _default_removed
+    global _handler_id, _default_removed, _writer
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r} is not one of {', '.join(FORMATS)}")
     try:
@@ -180,17 +275,21 @@ def configure_logging(
     prefix = _is_journal(stream) if journal is None else journal
     render = _format_json if fmt == "json" else _format_text
 
+    if _handler_id is not None:
+        logger.remove(_handler_id)
+        _handler_id = None
+    if _writer is not None:
+        _writer.close()
+    _writer = LogWriter(stream, queue_lines)
+
     def write(message: Message) -> None:
         record = message.record
         line = render(record)
         if prefix:
             line = f"<{_syslog_priority(record['level'].no)}>{line}"
-        stream.write(line + "\n")
-        stream.flush()
+        if _writer is not None:  # the global: a forked child gets its own (see _after_fork)
+            _writer.put(line)
 
-    if _handler_id is not None:
-        logger.remove(_handler_id)
-        _handler_id = None
     if not _default_removed:
         _default_removed = True
         try:

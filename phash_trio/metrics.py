@@ -29,6 +29,17 @@ class Metrics:
         self.jetstream_reconnects = Counter(
             p + "jetstream_reconnects", "Jetstream reconnects", registry=r
         )
+        self.jetstream_failovers = Counter(
+            p + "jetstream_failovers",
+            "Moves to another Jetstream URL (to=fallback after failures, to=primary)",
+            ["to"],
+            registry=r,
+        )
+        self.jetstream_replay_gaps = Counter(
+            p + "jetstream_replay_gaps",
+            "Reconnects where the server could not replay back to where we resumed",
+            registry=r,
+        )
         self.jetstream_connected = Gauge(
             p + "jetstream_connected", "1 while the reader is connected", registry=r
         )
@@ -39,6 +50,20 @@ class Metrics:
         self.jobs_retried = Counter(p + "jobs_retried", "Job retries", registry=r)
         self.jobs_dead_lettered = Counter(
             p + "jobs_dead_lettered", "Jobs stored in jobs:dead", registry=r
+        )
+        self.job_crashes = Counter(
+            p + "job_crashes",
+            "Jobs ended by an unexpected error (a bug or hostile input), by stage and kind",
+            ["stage", "kind"],
+            registry=r,
+        )
+        self.jobs_timed_out = Counter(
+            p + "jobs_timed_out", "Jobs stopped at JOB_DEADLINE_SECS", registry=r
+        )
+        self.dead_letters_lost = Counter(
+            p + "dead_letters_lost",
+            "Dead letters Redis would not store in time (the job is only in the log)",
+            registry=r,
         )
         # Blobs
         self.blobs_processed = Counter(p + "blobs_processed", "Blobs hashed", registry=r)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 from loguru import logger
@@ -103,12 +103,18 @@ class Notifier:
 
 
 async def run_watchdog(
-    notifier: Notifier, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    notifier: Notifier,
+    stuck: Callable[[], str | None] | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Ping ``WATCHDOG=1`` every half watchdog interval until cancelled.
+    """Ping ``WATCHDOG=1`` every half watchdog interval while ``stuck()`` says None.
 
-    Returns at once when no watchdog is configured. Pings are scheduled on a fixed grid
-    (``sleep_until``), so a slow send does not push later pings back.
+    ``stuck`` returns why the service makes no progress (see
+    :class:`phash_trio.runtime.progress.ProgressCheck`); while it does, pings stop (logged once
+    per episode) and systemd restarts the service when its interval passes. Returns at once
+    when no watchdog is configured. Pings are scheduled on a fixed grid (``sleep_until``), so a
+    slow send does not push later pings back.
     """
     interval = notifier.watchdog_interval()
     task_status.started()
@@ -117,7 +123,16 @@ async def run_watchdog(
     period = interval / 2
     logger.debug("systemd watchdog: {}s, pinging every {}s", interval, period)
     next_ping = trio.current_time() + period
+    withheld = False
     while True:
         await trio.sleep_until(next_ping)
-        await notifier.watchdog()
+        reason = stuck() if stuck is not None else None
+        if reason is None:
+            if withheld:
+                logger.info("watchdog: progress again; pinging")
+                withheld = False
+            await notifier.watchdog()
+        elif not withheld:
+            logger.error("watchdog: no progress ({}); not pinging, systemd will restart", reason)
+            withheld = True
         next_ping = max(next_ping + period, trio.current_time())

@@ -24,18 +24,20 @@ from loguru import logger
 
 from phash_trio.actions import Actions
 from phash_trio.blobs import BlobError, BlobFetcher, BlobUnavailable
-from phash_trio.checkpoint import CursorTracker
+from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.image.meanhash import ImageError, format_hash
 from phash_trio.image.pool import HashPool
 from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.matching import Match, RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.ozone import OzoneAuthError, OzoneError, OzoneUnavailable
-from phash_trio.store import RedisStore, StoreError
+from phash_trio.store import RedisStore, StoreError, backoff_delays
 
 __all__ = ["JobProcessor", "job_from_json", "job_to_json", "run_worker"]
 
 _converter = cattrs.Converter()
+#: Most of the job deadline kept for the dead-letter write (a quarter when the deadline is short).
+DEAD_LETTER_RESERVE_SECS = 10.0
 #: Shortest pause between attempts of a job held up by a half-open breaker's pending probe.
 _MIN_BREAKER_POLL = 0.05
 
@@ -63,6 +65,13 @@ def _error_kind(exc: BaseException) -> str:
 
 
 @attrs.define
+class _Stage:
+    """Where a job is, for the log line and the crash metric's ``stage`` label."""
+
+    name: str = "start"
+
+
+@attrs.define
 class JobProcessor:
     """Everything a worker needs; one instance shared by all workers."""
 
@@ -78,17 +87,21 @@ class JobProcessor:
     retry_attempts: int = 3
     retry_delay: float = 1.0
     breaker_wait_max: float = 900.0
+    #: Seconds after which a job is dead-lettered whatever it waits for (JOB_DEADLINE_SECS).
+    job_deadline: float = 300.0
     max_image_pixels: int = 50_000_000
     max_blob_bytes: int = 2_000_000
 
-    async def _hash_blob(self, job: ImageJob, blob: BlobRef) -> int | None:
+    async def _hash_blob(self, job: ImageJob, blob: BlobRef, stage: _Stage) -> int | None:
         """The blob's hash, or None for a bad blob (counted, logged, not retried)."""
+        stage.name = "cache"
         if self.cache_enabled:
             cached = await self.store.cache_get(blob.cid)
             if cached is not None:
                 self.metrics.cache_hits.inc()
                 return cached
             self.metrics.cache_misses.inc()
+        stage.name = "fetch"
         try:
             data = await self.fetcher.fetch(job.did, blob.cid)
         except BlobUnavailable as exc:
@@ -98,6 +111,7 @@ class JobProcessor:
             self.metrics.blob_errors.labels(kind=_error_kind(exc)).inc()
             logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
             return None
+        stage.name = "hash"
         try:
             phash = await self.hasher.hash(
                 data, max_pixels=self.max_image_pixels, max_bytes=self.max_blob_bytes
@@ -108,16 +122,18 @@ class JobProcessor:
             return None
         self.metrics.blobs_processed.inc()
         if self.cache_enabled:
+            stage.name = "cache"
             await self.store.cache_set(blob.cid, phash, self.cache_ttl)
         return phash
 
-    async def _attempt(self, job: ImageJob, done: set[str]) -> None:
+    async def _attempt(self, job: ImageJob, done: set[str], stage: _Stage) -> None:
         for blob in job.blobs:
             if blob.cid in done:
                 continue
-            phash = await self._hash_blob(job, blob)
+            phash = await self._hash_blob(job, blob, stage)
             match: Match | None = None
             if phash is not None:
+                stage.name = "match"
                 match = self.rules.match(phash, job.did)
             if match is not None:
                 self.metrics.matches_found.inc()
@@ -131,6 +147,7 @@ class JobProcessor:
                     match.rule.label,
                     match.distance,
                 )
+                stage.name = "act"
                 try:
                     await self.actions.apply(job, blob, match)
                 except OzoneUnavailable as exc:
@@ -153,16 +170,62 @@ class JobProcessor:
             done.add(blob.cid)
 
     async def process(self, job: ImageJob) -> bool:
-        """Decide the job (True) or dead-letter it (False); then mark it finished for the cursor."""
-        decided = True
+        """Decide the job (True) or dead-letter it (False); then mark it finished for the cursor.
+
+        This is the job boundary: any exception but a cancellation is contained here (logged
+        once with its traceback, counted by stage and kind, dead-lettered), and the whole job,
+        dead-letter write included, ends within ``job_deadline`` seconds. A cancellation
+        (shutdown) leaves the job pending so the saved cursor stays before it.
+        """
+        started = trio.current_time()
+        deadline = started + self.job_deadline
+        reserve = min(DEAD_LETTER_RESERVE_SECS, self.job_deadline / 4)
+        stage = _Stage()
+        error: str | None = None
+        attempts = 1
+        with trio.move_on_at(deadline - reserve) as work:
+            try:
+                outcome = await self._decide(job, stage)
+            except Exception as exc:
+                kind = _error_kind(exc)
+                self.metrics.job_crashes.labels(stage=stage.name, kind=kind).inc()
+                logger.opt(exception=exc).error(
+                    "{} failed at stage {} with an unexpected {}: {}",
+                    job.uri,
+                    stage.name,
+                    kind,
+                    exc,
+                )
+                error = f"{stage.name}: {kind}: {exc}"
+            else:
+                if outcome is not None:
+                    error, attempts = outcome
+        if work.cancelled_caught:
+            self.metrics.jobs_timed_out.inc()
+            error = f"{stage.name}: job deadline of {self.job_deadline:g} s passed"
+            logger.error("{} stopped at stage {}: {}", job.uri, stage.name, error)
+        if error is not None:
+            with trio.move_on_at(deadline) as writing:
+                await self._dead_letter(job, error, attempts)
+            if writing.cancelled_caught:
+                self._dead_letter_lost(job, error, attempts, "no Redis write succeeded in time")
+        else:
+            self.metrics.jobs_processed.inc()
+        if job.read_at is not None:
+            self.metrics.decision_latency.observe(trio.current_time() - job.read_at)
+        self.tracker.finish_job(job.time_us)
+        logger.debug("decided {} time_us={} blobs={}", job.uri, job.time_us, len(job.blobs))
+        return error is None
+
+    async def _decide(self, job: ImageJob, stage: _Stage) -> tuple[str, int] | None:
+        """Attempts with retries and breaker waits: None once decided, else (error, attempts)."""
         done: set[str] = set()
         failures = 0
         breaker_deadline: float | None = None
         while True:
             try:
-                await self._attempt(job, done)
-                self.metrics.jobs_processed.inc()
-                break
+                await self._attempt(job, done, stage)
+                return None
             except _TransientFailure as exc:
                 now = trio.current_time()
                 if exc.breaker_retry_at is not None:
@@ -182,6 +245,7 @@ class JobProcessor:
                             max(0.0, wait_until - now),
                             exc,
                         )
+                        stage.name = "breaker_wait"
                         await trio.sleep_until(max(wait_until, now))
                         continue
                 # Past the job's one breaker-wait budget (never renewed), an open breaker
@@ -190,37 +254,58 @@ class JobProcessor:
                 self.metrics.jobs_failed.inc()
                 self.metrics.errors.labels(kind="job_attempt").inc()
                 if failures > self.retry_attempts:
-                    await self._dead_letter(job, exc, failures)
-                    decided = False
-                    break
+                    return str(exc), failures
                 delay = self.retry_delay * 2 ** (failures - 1)
                 self.metrics.jobs_retried.inc()
                 logger.warning(
                     "{} attempt {} failed: {}; retry in {:.1f}s", job.uri, failures, exc, delay
                 )
+                stage.name = "retry_wait"
                 await trio.sleep(delay)
-        if job.read_at is not None:
-            self.metrics.decision_latency.observe(trio.current_time() - job.read_at)
-        self.tracker.finish_job(job.time_us)
-        logger.debug("decided {} time_us={} blobs={}", job.uri, job.time_us, len(job.blobs))
-        return decided
 
-    async def _dead_letter(self, job: ImageJob, exc: BaseException, attempts: int) -> None:
-        payload = {
+    def _payload(self, job: ImageJob, error: str, attempts: int) -> dict[str, Any]:
+        return {
             "job": job_to_json(job),
-            "error": str(exc),
+            "error": error,
             "attempts": attempts,
             # A timestamp for operators reading the list; wall clock on purpose.
             "failed_at": datetime.fromtimestamp(time.time(), UTC).isoformat(),
         }
-        await self.store.until_healthy(lambda: self.store.push_dead_letter(payload), "dead letter")
+
+    async def _dead_letter(self, job: ImageJob, error: str, attempts: int) -> None:
+        """Store the job in ``jobs:dead``, retrying any Redis error (outage, READONLY, OOM)
+        with backoff until the caller's deadline cancels us."""
+        payload = self._payload(job, error, attempts)
+        delays = backoff_delays(0.1, 2.0)
+        while True:
+            try:
+                await self.store.push_dead_letter(payload)
+                break
+            except StoreError as exc:
+                delay = next(delays)
+                logger.warning("dead letter for {} not stored yet: {}", job.uri, exc)
+                await trio.sleep(delay)
         self.metrics.jobs_dead_lettered.inc()
         logger.error(
             "{} dead-lettered after {} attempts: {} ({})",
             job.uri,
             attempts,
-            exc,
+            error,
             json.dumps(payload["job"])[:300],
+        )
+
+    def _dead_letter_lost(self, job: ImageJob, error: str, attempts: int, why: str) -> None:
+        """The last resort: the whole dead letter goes to the log, and the cursor moves on.
+
+        Holding the cursor for a Redis that refuses writes would stop all moderation; the log
+        line carries everything needed to re-queue the job by hand.
+        """
+        self.metrics.dead_letters_lost.inc()
+        logger.critical(
+            "dead letter LOST for {} ({}); re-queue it from this line: {}",
+            job.uri,
+            why,
+            json.dumps(self._payload(job, error, attempts)),
         )
 
 

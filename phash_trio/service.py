@@ -29,21 +29,24 @@ import attrs
 import trio
 from loguru import logger
 
-from phash_trio.checkpoint import Checkpointer, CursorFile, CursorTracker, run_checkpointer
+from phash_trio.api import create_app, serve_app
 from phash_trio.components import open_processor
 from phash_trio.config import Settings
-from phash_trio.jetstream import ReaderConfig, ReaderState, run_reader
+from phash_trio.firehose.cursor import Checkpointer, CursorFile, CursorTracker, run_checkpointer
+from phash_trio.firehose.reader import ReaderConfig, ReaderState, run_reader
 from phash_trio.jobs import ImageJob
 from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.notify import Notifier, run_watchdog
 from phash_trio.pipeline import run_worker
-from phash_trio.status_http import run_status_server
+from phash_trio.runtime.progress import ProgressCheck
 from phash_trio.store import RedisStore, run_health_monitor
 
 __all__ = ["Service", "StartupError", "run_service"]
 
 STATS_INTERVAL_SECS = 60.0
+#: The watchdog calls the service stuck after JOB_DEADLINE_SECS plus this without progress.
+WATCHDOG_MARGIN_SECS = 60.0
 
 
 class StartupError(Exception):
@@ -177,8 +180,8 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                 )
                 if settings.metrics_addr:
                     try:
-                        await root.start(
-                            run_status_server, settings.metrics_addr, metrics, service.health
+                        server = await root.start(
+                            serve_app, create_app(metrics, service.health), settings.metrics_addr
                         )
                     except* OSError as group:
                         leaf: BaseException = group
@@ -188,8 +191,14 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                         raise StartupError(
                             f"METRICS_ADDR {settings.metrics_addr}: cannot listen: {reason}"
                         ) from None
+                    logger.info("status endpoint on {}/metrics and /healthz", server.url)
                 root.start_soon(_stats_logger, service, tracker)
-                root.start_soon(run_watchdog, service.notifier)
+                progress = ProgressCheck(
+                    tracker,
+                    service.reader_state,
+                    window=settings.job_deadline_secs + WATCHDOG_MARGIN_SECS,
+                )
+                root.start_soon(run_watchdog, service.notifier, progress)
 
                 with pipeline_scope:
                     async with trio.open_nursery() as pipeline:

@@ -15,7 +15,7 @@ import attrs
 import httpx
 import trio
 
-from phash_trio.jetstream import MalformedFrame, parse_event
+from phash_trio.firehose.events import MalformedFrame, parse_event
 from phash_trio.jobs import POST_COLLECTION, ImageJob
 from phash_trio.testing.capture import PDS_ONLY_IMAGES, demo_images
 from phash_trio.testing.localnet import LocalNetwork, ServiceProcess, run_local_network

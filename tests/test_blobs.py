@@ -278,7 +278,9 @@ async def test_private_pds_refused(world: World, pds_url: str) -> None:
     """A PDS on a private or loopback address is never contacted without the flag."""
     world.plc.add(DID, pds_url.format(port=pds_host(world).rpartition(":")[2]))
     world.pds.add(DID, CID, IMAGE)
-    with pytest.raises(BlobNotFound, match=r"non-public address|is not https") as info:
+    with pytest.raises(
+        BlobNotFound, match=r"non-public address|is not https|fully qualified"
+    ) as info:
         await world.fetcher(private=False).fetch(DID, CID)
     assert "PDS lookup" in str(info.value)
     assert world.pds.requests == []

@@ -17,7 +17,7 @@ import pytest
 import redis
 import trio
 
-from phash_trio.jetstream import parse_event
+from phash_trio.firehose.events import parse_event
 from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.pipeline import job_to_json
 from phash_trio.store import DEAD_LETTER_KEY

@@ -32,7 +32,7 @@ from e2e_helpers import (
     vm_rss_mb,
 )
 
-from phash_trio.jetstream import ParsedEvent, parse_event
+from phash_trio.firehose.events import ParsedEvent, parse_event
 from phash_trio.testing.blobhost import cid_for
 from phash_trio.testing.capture import (
     DEMO_CAPTURE,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from phash_trio.jetstream import (
+from phash_trio.firehose.events import (
     EXCERPT_CHARS,
     MalformedFrame,
     is_valid_cid,

@@ -13,10 +13,10 @@ import pytest
 import trio
 import trio.testing
 
-from phash_trio.checkpoint import CursorTracker
 from phash_trio.config import Settings
-from phash_trio.jetstream import ReaderConfig, ReaderConfigError, ReaderState, run_reader
-from phash_trio.jetstream import subscribe_url as build_url
+from phash_trio.firehose.cursor import CursorTracker
+from phash_trio.firehose.reader import ReaderConfig, ReaderConfigError, ReaderState, run_reader
+from phash_trio.firehose.reader import subscribe_url as build_url
 from phash_trio.jobs import ImageJob
 from phash_trio.metrics import Metrics
 from phash_trio.testing.jetstream_replay import (
@@ -32,6 +32,8 @@ from phash_trio.testing.jetstream_replay import (
 )
 
 T0 = 1_725_000_000_000_000
+#: The default rewind of every reconnect, in microseconds.
+REWIND = 10_000_000
 DID = fake_did("reader")
 MIB = 1024 * 1024
 
@@ -135,7 +137,8 @@ async def test_connect_sends_cursor_collections_and_size(nursery: trio.Nursery) 
 async def test_reconnect_after_drop_has_no_duplicates_or_gaps(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A dropped connection resumes at the newest time_us; replayed events are not re-queued."""
+    """A dropped connection resumes the rewind before the newest time_us; the replayed events
+    are dropped by identity (p4 shares p3's time_us and still arrives)."""
     events = [
         image_post(1),
         image_post(2),
@@ -152,10 +155,10 @@ async def test_reconnect_after_drop_has_no_duplicates_or_gaps(
         jobs = await rig.jobs(6)
         await trio.sleep(1)
     assert rkeys(jobs) == ["p1", "p2", "p3", "p4", "p5", "p6"]
-    assert server.cursors == [None, T0 + 3000]
+    assert server.cursors == [None, T0 + 3000 - REWIND]
     assert [r.at for r in server.requests] == [0.0, 5.0]
     assert rig.receive.statistics().current_buffer_used == 0
-    assert rig.metrics.snapshot()["events_skipped[reason=replayed]"] == 1
+    assert rig.metrics.snapshot()["events_skipped[reason=replayed]"] == 3
     assert rig.count("jetstream_reconnects") == 1
 
 
@@ -210,14 +213,15 @@ async def test_server_closing_after_each_replay_doubles_backoff(
         await trio.sleep_until(20.0)
     assert rkeys(jobs) == ["p1", "p2"]
     assert [r.at for r in server.requests] == [0.0, 5.0, 15.0]
-    assert server.cursors == [None, T0 + 2000, T0 + 2000]
+    assert server.cursors == [None, T0 + 2000 - REWIND, T0 + 2000 - REWIND]
     assert rig.receive.statistics().current_buffer_used == 0
 
 
 async def test_rotation_and_backoff_timing(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Failed attempts alternate between URLs after 5, 10, 20 ... seconds, capped at the maximum."""
+    """With failover_after=1, failed attempts alternate between URLs after 5, 10, 20 ...
+    seconds, capped at the maximum."""
     with trio.fail_after(1000):
         a = await serve(nursery)
         b = await serve(nursery)
@@ -225,7 +229,9 @@ async def test_rotation_and_backoff_timing(
         b.reject_next(100)
         rig = Rig()
         state = ReaderState()
-        nursery.start_soon(partial(rig.reader(a.url, b.url, backoff_max=300.0), state=state))
+        nursery.start_soon(
+            partial(rig.reader(a.url, b.url, backoff_max=300.0, failover_after=1), state=state)
+        )
         await trio.sleep(700)
     assert [r.at for r in a.requests] == [0.0, 15.0, 75.0, 315.0]
     assert [r.at for r in b.requests] == [5.0, 35.0, 155.0, 615.0]
@@ -237,14 +243,17 @@ async def test_rotation_and_backoff_timing(
 async def test_fallback_after_dead_primary_and_started_only_when_connected(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """With the primary refusing connections, start-up completes on the fallback after 5 s."""
+    """With the primary refusing connections (failover_after=1), start-up completes on the
+    fallback after 5 s."""
     with trio.socket.socket() as dead:
         await dead.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
         dead_url = f"ws://127.0.0.1:{dead.getsockname()[1]}/subscribe"
         with trio.fail_after(100):
             server = await serve(nursery, [image_post(1)])
             rig = Rig()
-            state: ReaderState = await nursery.start(rig.reader(dead_url, server.url))
+            state: ReaderState = await nursery.start(
+                rig.reader(dead_url, server.url, failover_after=1)
+            )
             assert trio.current_time() == 5.0
             assert state.url == server.url
             assert rkeys(await rig.jobs(1)) == ["p1"]
@@ -272,7 +281,7 @@ async def test_backoff_resets_after_a_healthy_connection(
 async def test_idle_connection_is_replaced(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """No message for idle_timeout seconds reconnects from the newest event, without duplicates."""
+    """No message for idle_timeout seconds reconnects (rewound), without duplicates."""
     with trio.fail_after(1000):
         server = await serve(nursery, [image_post(1), image_post(2)])
         rig = Rig()
@@ -280,9 +289,9 @@ async def test_idle_connection_is_replaced(
         assert rkeys(await rig.jobs(2)) == ["p1", "p2"]
         await trio.sleep_until(130.0)
     assert [r.at for r in server.requests] == [0.0, 125.0]
-    assert server.cursors == [None, T0 + 2000]
+    assert server.cursors == [None, T0 + 2000 - REWIND]
     assert rig.count("jetstream_reconnects") == 1
-    assert rig.metrics.snapshot()["events_skipped[reason=replayed]"] == 1
+    assert rig.metrics.snapshot()["events_skipped[reason=replayed]"] == 2
     assert rig.receive.statistics().current_buffer_used == 0
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import re
 from collections.abc import Iterator
 
 import pytest
+import trio
+import trio.lowlevel
 from loguru import logger
 
-from phash_trio.logs import configure_logging, redact
+from phash_trio.logs import configure_logging, flush_logs, redact
 
 JWT = (
     "eyJhbGciOiJFUzI1NksifQ.eyJzY29wZSI6ImNvbS5hdHByb3RvLmFjY2VzcyIsInN1YiI6ImRpZDpwbGM6eCJ9"
@@ -29,6 +33,7 @@ def out() -> Iterator[io.StringIO]:
 
 
 def lines(buffer: io.StringIO) -> list[str]:
+    assert flush_logs()
     return buffer.getvalue().splitlines()
 
 
@@ -77,6 +82,7 @@ def test_tokens_are_redacted_in_messages_and_fields(out: io.StringIO, fmt: str) 
     logger.bind(accessJwt=JWT, password="hunter2", header=f"Bearer {JWT}").info(
         "login password=hunter2 got {} with Authorization: Bearer abcdefgh12345678", JWT
     )
+    assert flush_logs()
     text = out.getvalue()
     assert "hunter2" not in text
     assert "eyJ" not in text
@@ -113,6 +119,7 @@ def test_configuring_twice_does_not_duplicate_output(out: io.StringIO) -> None:
     configure_logging("json", "INFO", sink=out, journal=False)
     configure_logging("json", "INFO", sink=out, journal=False)
     logger.info("once")
+    assert flush_logs()
     assert first.getvalue() == ""
     assert [json.loads(line)["msg"] for line in lines(out)] == ["once"]
 
@@ -145,3 +152,34 @@ def test_bad_format_or_level_is_a_clear_error(fmt: str, level: str) -> None:
     """An unknown format or level raises ValueError naming the bad value."""
     with pytest.raises(ValueError, match=repr(fmt) if fmt == "yaml" else repr(level)):
         configure_logging(fmt, level)
+
+
+async def test_a_stalled_log_stream_does_not_block_the_event_loop() -> None:
+    """Logging to a pipe nobody reads (a stalled journald) returns at once: lines beyond the
+    queue are dropped and counted, and once the pipe is read again the rest arrives in order,
+    with a note of how many were dropped."""
+    read_fd, write_fd = os.pipe()
+    stream = os.fdopen(write_fd, "w", encoding="utf-8")
+    try:
+        configure_logging("text", "INFO", sink=stream, journal=False, queue_lines=50)
+        started = trio.current_time()
+        for i in range(300):  # ~300 KB: far more than the pipe buffer holds
+            logger.info("line {} {}", i, "x" * 1000)
+            await trio.lowlevel.checkpoint()
+        elapsed = trio.current_time() - started
+        received = b""
+        with trio.fail_after(10):
+            while received.count(b"\n") < 50 or b"dropped" not in received:
+                received += await trio.to_thread.run_sync(os.read, read_fd, 1 << 20)
+                if flush_logs(0.01) and b"line 299" in received:
+                    break
+    finally:
+        configure_logging("text", "INFO", journal=False)
+        stream.close()
+        os.close(read_fd)
+    assert elapsed < 1.0
+    text = received.decode()
+    numbers = [int(m) for m in re.findall(r"line (\d+) x", text)]
+    assert numbers == sorted(numbers) and numbers[0] == 0
+    assert len(numbers) < 300
+    assert re.search(r"\[\d+ log line\(s\) dropped", text)

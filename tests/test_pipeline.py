@@ -23,7 +23,7 @@ import trio.testing
 from phash_trio.actions import Actions, RateSpacer
 from phash_trio.blobs import BlobFetcher
 from phash_trio.breaker import BreakerState, CircuitBreaker
-from phash_trio.checkpoint import CursorTracker
+from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.identity import PdsResolver
 from phash_trio.image.meanhash import mean_hash
 from phash_trio.image.pool import HashPool
@@ -191,6 +191,7 @@ class World:
         )
         kwargs.setdefault("retry_attempts", 3)
         kwargs.setdefault("retry_delay", 0.0625)
+        kwargs.setdefault("job_deadline", INF)  # a pending deadline would be autojumped to
         return JobProcessor(
             fetcher=self.fetcher,
             rules=RuleIndex(load_rules(RULES), 3),

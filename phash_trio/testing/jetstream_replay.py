@@ -4,7 +4,9 @@ The server speaks Jetstream's v1 JSON wire protocol at ``/subscribe`` on a real 
 (trio-websocket, ``127.0.0.1:0``). On each connection it honours ``cursor`` (events with
 ``time_us >= cursor``), ``wantedCollections`` (repeatable; ``prefix.*`` allowed; identity and
 account events always pass) and ``maxMessageSizeBytes`` (larger frames are not sent), sends the
-events in order, then idles like a live Jetstream with nothing new, or closes if asked.
+events in order, then idles like a live Jetstream with nothing new, or closes if asked. Each
+server has its own clock (``clock_offset_us`` shifts every ``time_us``) and may replay only a
+bounded window (``replay_window_us``; what a cursor older than that missed is in ``gaps``).
 Start it with ``server = await nursery.start(run_replay_server, events)``.
 
 Test controls on :class:`ReplayServer`: :meth:`~ReplayServer.drop_after`,
@@ -235,7 +237,16 @@ class ReplayServer:
     pace: float = 0.0
     #: Close each connection once it has sent everything (instead of idling).
     close_when_done: bool = False
+    #: This instance's clock minus the capture's: every event's ``time_us`` is shifted by it
+    #: (Jetstream instances stamp events with their own clocks).
+    clock_offset_us: int = 0
+    #: How far back before its newest event this instance can replay (None: everything). An
+    #: older cursor starts at the oldest event it still has, as Jetstream does.
+    replay_window_us: int | None = None
     requests: list[ConnectionRecord] = attrs.field(factory=list)
+    #: ``(cursor asked, oldest time_us replayed instead)`` of each connection whose cursor was
+    #: older than the replay window: what the client could not get.
+    gaps: list[tuple[int, int]] = attrs.field(factory=list)
     _log: list[_Frame] = attrs.field(factory=list)
     _grew: trio.Event = attrs.field(factory=trio.Event)
     _idle: trio.Event = attrs.field(factory=trio.Event)
@@ -269,6 +280,9 @@ class ReplayServer:
         """Add events to the log; idle connections send them at once (live events)."""
         for event in events:
             if isinstance(event, Mapping):
+                when = event.get("time_us")
+                if self.clock_offset_us and isinstance(when, int) and not isinstance(when, bool):
+                    event = {**event, "time_us": when + self.clock_offset_us}
                 data: str | bytes = json.dumps(event, separators=(",", ":"))
             else:
                 data = event
@@ -378,6 +392,11 @@ class ReplayServer:
         last_sent = 0.0
         if drop == 0:
             return True
+        if cursor is not None and self.replay_window_us is not None and self._log:
+            oldest = self._log[-1].time_us - self.replay_window_us
+            if cursor < oldest:
+                self.gaps.append((cursor, oldest))
+                cursor = oldest
         while True:
             while position < len(self._log):
                 frame = self._log[position]
@@ -415,12 +434,19 @@ async def run_replay_server(
     *,
     pace: float = 0.0,
     close_when_done: bool = False,
+    clock_offset_us: int = 0,
+    replay_window_us: int | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
     task_status: trio.TaskStatus[ReplayServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``events`` until cancelled; ``task_status.started`` gives the :class:`ReplayServer`."""
-    server = ReplayServer(pace=pace, close_when_done=close_when_done)
+    server = ReplayServer(
+        pace=pace,
+        close_when_done=close_when_done,
+        clock_offset_us=clock_offset_us,
+        replay_window_us=replay_window_us,
+    )
     server.append(events)
     async with trio.open_nursery() as nursery:
         ws_server = await nursery.start(

@@ -20,7 +20,7 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from phash_trio.jetstream import MalformedFrame, parse_event
+from phash_trio.firehose.events import MalformedFrame, parse_event
 from phash_trio.testing.blobhost import BlobHost, PlcDirectory, cid_for
 from phash_trio.testing.fake_ozone import FakeOzone, run_fake_ozone
 from phash_trio.testing.jetstream_replay import ReplayServer, run_replay_server

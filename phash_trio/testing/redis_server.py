@@ -87,6 +87,35 @@ class RedisProcess:
             sock.sendall(b"FLUSHALL\r\n")
             sock.recv(16)
 
+    def command(self, *args: str) -> bytes:
+        """Send one command and return the first reply chunk (``+OK``, ``-ERR ...``)."""
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = arg.encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            sock.sendall(b"".join(parts))
+            return sock.recv(4096)
+
+    @contextmanager
+    def out_of_memory(self) -> Iterator[None]:
+        """Every write is refused with ``OOM`` (maxmemory 1 byte, noeviction) until exit."""
+        self.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        self.command("CONFIG", "SET", "maxmemory", "1")
+        try:
+            yield
+        finally:
+            self.command("CONFIG", "SET", "maxmemory", "0")
+
+    @contextmanager
+    def read_only(self) -> Iterator[None]:
+        """Every write is refused with ``READONLY`` (a replica of a dead port) until exit."""
+        self.command("REPLICAOF", "127.0.0.1", str(free_port()))
+        try:
+            yield
+        finally:
+            self.command("REPLICAOF", "NO", "ONE")
+
 
 @contextmanager
 def redis_server() -> Iterator[RedisProcess]:

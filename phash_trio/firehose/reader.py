@@ -1,42 +1,33 @@
 """Jetstream reader: websocket frames -> :class:`ImageJob` on a bounded channel.
 
-Two halves:
+:func:`run_reader` owns the connection. It stays on the primary URL while it works, fails over
+to the next URL after ``failover_after`` consecutive failures, and fails back to the primary
+after ``failback_after`` seconds on a fallback. Every reconnect asks for the newest ``time_us``
+read minus ``rewind`` seconds: Jetstream instances stamp events with their own clocks, so
+resuming a different instance at exactly the old one's newest ``time_us`` skips whatever its
+clock puts earlier. The events the rewind brings again are dropped by identity
+(:class:`~phash_trio.firehose.events.EventIdentity`, the same on every instance) in a bounded
+memory, not by a time cut-off; they do not touch the cursor tracker. When the first event of a
+connection is newer than where we resumed, the server could not replay that far back: logged
+and counted (``phash_jetstream_replay_gaps_total``).
 
-* :func:`parse_event` is pure: one frame in, one :class:`ParsedEvent` out (a job, or the reason
-  the event needs no work), or :class:`MalformedFrame`.
-* :func:`run_reader` owns the connection: it rotates through the configured URLs with
-  exponential backoff, resumes from the newest ``time_us`` it has read, drops the replayed
-  events it already handled, and feeds the channel. A full channel blocks it (backpressure);
-  the idle timer only runs while it waits for the socket, never while it waits for the workers.
-
-Malformed frames are counted and logged, never fatal; one whose ``time_us`` is readable still
-moves the cursor (``tracker.observe``). DIDs are validated only where a job needs them (post
-creates). A post whose image blobs all lack a valid CID is malformed (it cannot be hashed, and
-must be seen); with some valid, the bad ones are counted in ``ParsedEvent.bad_blobs``.
+A full channel blocks the reader (backpressure); the idle timer only runs while it waits for
+the socket, never while it waits for the workers. Malformed frames are counted and logged,
+never fatal; one whose ``time_us`` is readable still moves the cursor (``tracker.observe``).
 
 Cursor bookkeeping (DESIGN §2): ``tracker.start_job(time_us)`` is called *before*
 ``send.send(job)``. If the reader is cancelled while that send is blocked, the job was not
 delivered and is deliberately left pending in the tracker: the saved cursor then stays at or
 before it, and the next start re-reads it from Jetstream. Calling ``finish_job`` there would let
 the cursor pass a post nobody hashed.
-
-Errors::
-
-    JetstreamError
-    ├── MalformedFrame       a frame that is not a valid Jetstream event (counted and skipped)
-    └── ReaderConfigError    a bad ReaderConfig (also a ValueError)
-
-Gallery embeds follow the ``app.bsky.embed.gallery`` lexicon (``items``: union of ``#image``,
-each ``{"image": blob, "alt", "aspectRatio"}``); items of another ``$type`` are ignored, items
-with no ``$type`` but an ``image`` blob are taken as ``#image``.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import ssl
-from collections.abc import Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Iterable
+from math import inf
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -51,289 +42,29 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from phash_trio.checkpoint import CursorTracker
 from phash_trio.config import Settings
-from phash_trio.jobs import POST_COLLECTION, BlobRef, ImageJob
+from phash_trio.firehose.cursor import CursorTracker
+from phash_trio.firehose.events import (
+    EventIdentity,
+    JetstreamError,
+    MalformedFrame,
+    ParsedEvent,
+    parse_event,
+)
+from phash_trio.jobs import POST_COLLECTION, ImageJob
 from phash_trio.metrics import Metrics
-from phash_trio.syntax import is_valid_cid, is_valid_did
 
 __all__ = [
-    "EXCERPT_CHARS",
-    "EventIdentity",
-    "JetstreamError",
-    "MalformedFrame",
-    "ParsedEvent",
     "ReaderConfig",
     "ReaderConfigError",
     "ReaderState",
-    "is_valid_cid",
-    "is_valid_did",
-    "parse_event",
     "run_reader",
     "subscribe_url",
 ]
 
-#: Longest excerpt of a bad frame kept in errors and logs.
-EXCERPT_CHARS = 200
-
-EMBED_IMAGES = "app.bsky.embed.images"
-EMBED_GALLERY = "app.bsky.embed.gallery"
-EMBED_GALLERY_IMAGE = "app.bsky.embed.gallery#image"
-EMBED_RECORD_WITH_MEDIA = "app.bsky.embed.recordWithMedia"
-EMBED_RECORD = "app.bsky.embed.record"
-EMBED_VIDEO = "app.bsky.embed.video"
-EMBED_EXTERNAL = "app.bsky.embed.external"
-
-_RKEY_RE = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
-_MAX_TIME_US = 2**63 - 1
-
-
-# --------------------------------------------------------------------------------------------
-# Errors and values
-
-
-class JetstreamError(Exception):
-    """Base of this module's errors."""
-
-
-class MalformedFrame(JetstreamError):
-    """A frame that is not a valid Jetstream event; the reader counts it and moves on."""
-
-    def __init__(self, reason: str, excerpt: str, time_us: int | None = None) -> None:
-        super().__init__(reason, excerpt, time_us)
-        self.reason = reason
-        #: At most :data:`EXCERPT_CHARS` characters of the frame, for the log.
-        self.excerpt = excerpt
-        #: The frame's ``time_us`` when it could be read (the cursor may still pass it).
-        self.time_us = time_us
-
-    def __str__(self) -> str:
-        return f"malformed Jetstream frame ({self.reason}): {self.excerpt!r}"
-
 
 class ReaderConfigError(JetstreamError, ValueError):
     """A :class:`ReaderConfig` value is unusable."""
-
-
-@attrs.frozen
-class EventIdentity:
-    """What makes an event unique in the stream, used to drop replays after a reconnect."""
-
-    did: str
-    #: The commit's collection, or the event kind (``identity``, ``account``) for the others.
-    collection: str
-    rkey: str
-    operation: str
-    time_us: int
-
-
-@attrs.frozen
-class ParsedEvent:
-    """One Jetstream event: an image job, or the reason it needs no work."""
-
-    time_us: int
-    job: ImageJob | None
-    #: Why there is no job (``delete``, ``identity``, ``no_embed``, ``video``...), else None.
-    skip_reason: str | None
-    identity: EventIdentity
-    #: Image entries dropped because their blob had no valid CID (the others are kept).
-    bad_blobs: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Parsing
-
-
-def _excerpt(frame: str | bytes) -> str:
-    if isinstance(frame, bytes):
-        return frame[: EXCERPT_CHARS * 4].decode("utf-8", "replace")[:EXCERPT_CHARS]
-    return frame[:EXCERPT_CHARS]
-
-
-def _blob_ref(value: object) -> BlobRef | None:
-    """A blob in the current or the legacy shape, or None when it has no valid CID."""
-    if not isinstance(value, Mapping):
-        return None
-    ref = value.get("ref")
-    cid = ref.get("$link") if isinstance(ref, Mapping) else value.get("cid")
-    if not is_valid_cid(cid):
-        return None
-    assert isinstance(cid, str)
-    mime = value.get("mimeType")
-    size = value.get("size")
-    return BlobRef(
-        cid=cid,
-        mime_type=mime if isinstance(mime, str) else None,
-        size=size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None,
-    )
-
-
-@attrs.define
-class _Media:
-    """Image blobs found in one embed, or why there are none."""
-
-    blobs: list[BlobRef] = attrs.field(factory=list)
-    bad: int = 0
-    skip_reason: str | None = None
-
-
-def _image_media(embed: Mapping[str, Any], fail: _Fail) -> _Media:
-    """``app.bsky.embed.images`` and ``app.bsky.embed.gallery`` embeds."""
-    media = _Media()
-    if embed["$type"] == EMBED_IMAGES:
-        entries = embed.get("images")
-        if not isinstance(entries, list):
-            raise fail("app.bsky.embed.images without an images list")
-        for entry in entries:
-            blob = _blob_ref(entry.get("image")) if isinstance(entry, Mapping) else None
-            if blob is None:
-                media.bad += 1
-            else:
-                media.blobs.append(blob)
-    else:
-        entries = embed.get("items")
-        if not isinstance(entries, list):
-            raise fail("app.bsky.embed.gallery without an items list")
-        for entry in entries:
-            if not isinstance(entry, Mapping):
-                media.bad += 1
-                continue
-            kind = entry.get("$type", EMBED_GALLERY_IMAGE)
-            if kind not in (EMBED_GALLERY_IMAGE, "#image"):
-                continue  # another kind of gallery item (none defined yet): not an image
-            blob = _blob_ref(entry.get("image"))
-            if blob is None:
-                media.bad += 1
-            else:
-                media.blobs.append(blob)
-    if not media.blobs and not media.bad:
-        media.skip_reason = "no_images"
-    return media
-
-
-def _embed_media(embed: object, fail: _Fail) -> _Media:
-    if embed is None:
-        return _Media(skip_reason="no_embed")
-    if not isinstance(embed, Mapping):
-        raise fail("record.embed is not an object")
-    kind = embed.get("$type")
-    if not isinstance(kind, str):
-        raise fail("record.embed has no $type")
-    if kind in (EMBED_IMAGES, EMBED_GALLERY):
-        return _image_media(embed, fail)
-    if kind == EMBED_RECORD_WITH_MEDIA:
-        media = embed.get("media")
-        if not isinstance(media, Mapping) or not isinstance(media.get("$type"), str):
-            raise fail("recordWithMedia without a typed media object")
-        if media["$type"] == EMBED_RECORD_WITH_MEDIA:
-            raise fail("recordWithMedia nested in recordWithMedia")
-        return _embed_media(media, fail)
-    if kind == EMBED_RECORD:
-        return _Media(skip_reason="record_only")
-    if kind == EMBED_VIDEO:
-        return _Media(skip_reason="video")
-    if kind == EMBED_EXTERNAL:
-        return _Media(skip_reason="external")
-    return _Media(skip_reason="other_embed")
-
-
-@attrs.define
-class _Fail:
-    """Builds :class:`MalformedFrame` for one frame, carrying its excerpt and time_us."""
-
-    frame: str | bytes
-    time_us: int | None = None
-
-    def __call__(self, reason: str) -> MalformedFrame:
-        return MalformedFrame(reason, _excerpt(self.frame), self.time_us)
-
-
-def _string(data: Mapping[str, Any], key: str, where: str, fail: _Fail) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value:
-        raise fail(f"{where}{key} is missing or not a string")
-    return value
-
-
-def parse_event(frame: str | bytes) -> ParsedEvent:
-    """Turn one Jetstream frame into a job or a skip reason; raise :class:`MalformedFrame`.
-
-    Only commits that create an ``app.bsky.feed.post`` with image embeds become jobs.
-    Image entries whose blob has no valid CID are dropped and counted in ``bad_blobs``; a post
-    whose image entries are all bad is malformed (it cannot be hashed, and must be seen).
-    """
-    fail = _Fail(frame)
-    try:
-        text = frame.decode("utf-8") if isinstance(frame, bytes) else frame
-        data = json.loads(text)
-    except UnicodeDecodeError:
-        raise fail("not UTF-8") from None
-    except RecursionError:
-        raise fail("JSON nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, and over-long integer literals
-        raise fail(f"invalid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise fail("not a JSON object")
-
-    time_us = data.get("time_us")
-    if not isinstance(time_us, int) or isinstance(time_us, bool):
-        raise fail("time_us is missing or not an integer")
-    if not 0 < time_us <= _MAX_TIME_US:
-        raise fail("time_us is out of range")
-    fail.time_us = time_us
-
-    did = data.get("did")
-    did = did if isinstance(did, str) else ""
-    kind = data.get("kind")
-    if not isinstance(kind, str):
-        raise fail("kind is missing or not a string")
-
-    if kind != "commit":
-        reason = kind if kind in ("identity", "account") else "other_kind"
-        return ParsedEvent(time_us, None, reason, EventIdentity(did, kind, "", "", time_us))
-
-    commit = data.get("commit")
-    if not isinstance(commit, dict):
-        raise fail("commit is missing or not an object")
-    operation = _string(commit, "operation", "commit.", fail)
-    collection = _string(commit, "collection", "commit.", fail)
-    rkey = commit.get("rkey")
-    identity = EventIdentity(
-        did, collection, rkey if isinstance(rkey, str) else "", operation, time_us
-    )
-    if operation != "create":
-        reason = operation if operation in ("delete", "update") else "other_operation"
-        return ParsedEvent(time_us, None, reason, identity)
-    if collection != POST_COLLECTION:
-        return ParsedEvent(time_us, None, "other_collection", identity)
-
-    # A post was created: everything a job needs must be present and well-formed.
-    if not is_valid_did(did):
-        raise fail("did is missing or not a valid DID")
-    rkey = _string(commit, "rkey", "commit.", fail)
-    if not _RKEY_RE.fullmatch(rkey) or rkey in (".", ".."):
-        raise fail("commit.rkey is not a valid record key")
-    cid = _string(commit, "cid", "commit.", fail)
-    if not is_valid_cid(cid):
-        raise fail("commit.cid is not a valid CID")
-    record = commit.get("record")
-    if not isinstance(record, dict):
-        raise fail("commit.record is missing or not an object")
-
-    media = _embed_media(record.get("embed"), fail)
-    if media.skip_reason is not None:
-        return ParsedEvent(time_us, None, media.skip_reason, identity)
-    if not media.blobs:
-        raise fail(f"none of the {media.bad} image blobs has a valid CID")
-    unique: dict[str, BlobRef] = {}
-    for blob in media.blobs:
-        unique.setdefault(blob.cid, blob)  # the same image twice is hashed once
-    job = ImageJob(did=did, rkey=rkey, cid=cid, time_us=time_us, blobs=tuple(unique.values()))
-    return ParsedEvent(time_us, job, None, identity, bad_blobs=media.bad)
-
-
-# --------------------------------------------------------------------------------------------
-# Reader
 
 
 def _strings(values: Iterable[str]) -> tuple[str, ...]:
@@ -356,12 +87,28 @@ def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) 
         raise ReaderConfigError(f"ReaderConfig.{attribute.name} must be > 0, got {value!r}")
 
 
+def _non_negative(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ReaderConfigError(f"ReaderConfig.{attribute.name} must be >= 0, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class ReaderConfig:
     """How the reader connects: URLs in rotation order, backoff and timeouts in seconds."""
 
-    #: Primary first, then fallbacks; the reader moves to the next one after each failure.
+    #: Primary first, then fallbacks, tried in this order.
     urls: tuple[str, ...] = attrs.field(converter=_strings, validator=_check_urls)
+    #: Every reconnect resumes this many seconds before the newest event read (clock skew
+    #: between instances); the replays this brings are dropped by identity.
+    rewind: float = attrs.field(default=10.0, validator=_non_negative)
+    #: Consecutive failed connections (refused, or lost before ``healthy_after``) on one URL
+    #: before the reader moves to the next URL.
+    failover_after: int = attrs.field(default=3, validator=_positive)
+    #: Seconds on a fallback after which the reader goes back to the primary.
+    failback_after: float = attrs.field(default=600.0, validator=_positive)
+    #: Event identities remembered to drop replays (bounded; oldest forgotten first). It must
+    #: cover ``rewind`` seconds of the stream plus the skew between instances.
+    seen_capacity: int = attrs.field(default=50_000, validator=_positive)
     backoff_initial: float = attrs.field(default=5.0, validator=_positive)
     backoff_max: float = attrs.field(default=300.0, validator=_positive)
     #: A connection that stayed up this long resets the backoff.
@@ -381,7 +128,12 @@ class ReaderConfig:
     def from_settings(cls, settings: Settings) -> ReaderConfig:
         """``JETSTREAM_URL`` first, then ``JETSTREAM_FALLBACK_URLS`` (duplicates dropped)."""
         urls = dict.fromkeys((settings.jetstream_url, *settings.jetstream_fallback_urls))
-        return cls(urls=tuple(u for u in urls if u))
+        return cls(
+            urls=tuple(u for u in urls if u),
+            rewind=settings.jetstream_rewind_secs,
+            failover_after=settings.jetstream_failover_after,
+            failback_after=settings.jetstream_failback_secs,
+        )
 
 
 @attrs.define
@@ -395,8 +147,10 @@ class ReaderState:
     url: str | None = None
     #: Connections opened so far.
     connections: int = 0
-    #: Newest ``time_us`` read: where a reconnect resumes.
+    #: Newest ``time_us`` read: where a reconnect resumes (minus the rewind).
     newest_time_us: int | None = None
+    #: Position of ``url`` in the configured URLs (0: the primary).
+    url_index: int = 0
 
 
 def subscribe_url(
@@ -435,36 +189,33 @@ class _Backoff:
 
 
 @attrs.define
-class _ReplayFilter:
-    """Remembers the newest event read, to drop what a resumed connection re-sends."""
+class _SeenEvents:
+    """The identities of the newest ``capacity`` events read, to drop what a rewound
+    reconnect re-sends. Identities, not times: instances stamp the same event differently."""
 
+    capacity: int
+    #: Newest ``time_us`` read on any connection: where a reconnect resumes (minus the rewind).
     newest: int | None = None
-    _seen_at_newest: set[EventIdentity] = attrs.field(factory=set)
-    _horizon: int | None = None
-    _seen_at_horizon: frozenset[EventIdentity] = frozenset()
-
-    def reconnecting(self) -> None:
-        """Everything up to the newest event was handled; a replay of it is a duplicate."""
-        self._horizon = self.newest
-        self._seen_at_horizon = frozenset(self._seen_at_newest)
+    _order: OrderedDict[EventIdentity, None] = attrs.field(factory=OrderedDict)
 
     def admit(self, event: ParsedEvent) -> bool:
-        """False for an event a previous connection already delivered."""
-        if self._horizon is not None and (
-            event.time_us < self._horizon
-            or (event.time_us == self._horizon and event.identity in self._seen_at_horizon)
-        ):
+        """False for an event already read (on this or an earlier connection)."""
+        if event.identity in self._order:
             return False
+        self._order[event.identity] = None
+        if len(self._order) > self.capacity:
+            self._order.popitem(last=False)
         if self.newest is None or event.time_us > self.newest:
             self.newest = event.time_us
-            self._seen_at_newest = {event.identity}
-        elif event.time_us == self.newest:
-            self._seen_at_newest.add(event.identity)
         return True
 
 
 class _ConnectionLost(Exception):
     """A connect, handshake or idle timeout; ``str()`` is the reason logged."""
+
+
+class _FailBack(Exception):
+    """Time to leave a fallback for the primary (not a failure)."""
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -506,20 +257,37 @@ class _Reader:
     metrics: Metrics
     state: ReaderState
     start_cursor: int | None
-    replay: _ReplayFilter = attrs.field(factory=_ReplayFilter)
+    seen: _SeenEvents = attrs.field(init=False)
     _connected_at: float | None = None
+    #: Newest ``time_us`` read before this connection, until its first event is checked.
+    _resume_point: int | None = None
     _started: bool = False
     _ssl: ssl.SSLContext | None = None
 
     async def run(self, task_status: trio.TaskStatus[ReaderState]) -> None:
         config = self.config
+        urls = config.urls
         backoff = _Backoff(config.backoff_initial, config.backoff_max)
         index = 0
+        failures = 0  # consecutive failed connections on urls[index]
         while True:
-            base = config.urls[index]
+            base = urls[index]
             self._connected_at = None
+            self.state.url_index = index
             try:
                 await self._session(base, task_status)
+            except _FailBack:
+                logger.info(
+                    "jetstream: {:g} s on fallback {}; going back to the primary {}",
+                    config.failback_after,
+                    base,
+                    urls[0],
+                )
+                self.metrics.jetstream_failovers.labels(to="primary").inc()
+                self.metrics.jetstream_reconnects.inc()
+                index, failures = 0, 0
+                backoff.reset()
+                continue
             except (HandshakeError, ConnectionClosed, OSError, trio.BrokenResourceError) as exc:
                 reason = _describe(exc)
             except _ConnectionLost as exc:
@@ -531,19 +299,48 @@ class _Reader:
             up = None if self._connected_at is None else now - self._connected_at
             if up is not None and up >= config.healthy_after:
                 backoff.reset()
+                failures = 0  # it worked: this loss is the first failure of a new run
+            failures += 1
+            if failures >= config.failover_after and len(urls) > 1:
+                index, failures = (index + 1) % len(urls), 0
+                self.metrics.jetstream_failovers.labels(
+                    to="primary" if index == 0 else "fallback"
+                ).inc()
             delay = backoff.next_delay()
-            index = (index + 1) % len(config.urls)
             self.metrics.jetstream_reconnects.inc()
-            self.replay.reconnecting()
             logger.warning(
                 "jetstream {} lost ({}{}); trying {} in {:g} s",
                 base,
                 reason,
                 "" if up is None else f" after {up:.0f} s up",
-                config.urls[index],
+                urls[index],
                 delay,
             )
             await trio.sleep(delay)
+
+    def _resume_cursor(self) -> int | None:
+        """Where the next connection starts: the newest event read minus the rewind (or the
+        saved cursor on the first connection, which needs no rewind: it is a real event's)."""
+        newest = self.seen.newest
+        if newest is None:
+            self._resume_point = self.start_cursor
+            return self.start_cursor
+        self._resume_point = newest
+        return max(1, newest - round(self.config.rewind * 1_000_000))
+
+    def _check_reach(self, base: str, time_us: int) -> None:
+        """On a connection's first event: did the server replay back to where we resumed?"""
+        resume, self._resume_point = self._resume_point, None
+        if resume is not None and time_us > resume:
+            self.metrics.jetstream_replay_gaps.inc()
+            logger.warning(
+                "jetstream {} cannot replay back to {}: its first event is {} ({:.1f} s later);"
+                " events in between may be lost",
+                base,
+                resume,
+                time_us,
+                (time_us - resume) / 1e6,
+            )
 
     async def _session(self, base: str, task_status: trio.TaskStatus[ReaderState]) -> None:
         """One connection, from TCP connect to its end (always an exception).
@@ -552,7 +349,7 @@ class _Reader:
         the handshake or closes first; we own the stream here and always close it.
         """
         config = self.config
-        cursor = self.replay.newest if self.replay.newest is not None else self.start_cursor
+        cursor = self._resume_cursor()
         url = subscribe_url(
             base,
             cursor=cursor,
@@ -597,7 +394,7 @@ class _Reader:
                     self._started = True
                     task_status.started(self.state)
                 try:
-                    await self._pump(ws)
+                    await self._pump(ws, base)
                 except Exception:
                     with trio.move_on_after(config.close_timeout):
                         await ws.aclose()  # polite close; a no-op if the server closed first
@@ -621,18 +418,24 @@ class _Reader:
             self.state.connections += 1
         self.metrics.jetstream_connected.set(1 if connected else 0)
 
-    async def _pump(self, ws: WebSocketConnection) -> None:
-        """Read frames until the connection fails; the idle timer runs only on the socket."""
-        idle_timeout = self.config.idle_timeout
+    async def _pump(self, ws: WebSocketConnection, base: str) -> None:
+        """Read frames until the connection fails (or, on a fallback, until it is time to fail
+        back); the idle timer runs only on the socket."""
+        config = self.config
+        connected_at = trio.current_time()
+        fail_back_at = connected_at + config.failback_after if self.state.url_index else inf
         while True:
-            with trio.move_on_after(idle_timeout) as waiting:
+            idle_at = trio.current_time() + config.idle_timeout
+            with trio.move_on_at(min(idle_at, fail_back_at)) as waiting:
                 frame = await ws.get_message()
             if waiting.cancelled_caught:
-                raise _ConnectionLost(f"no message for {idle_timeout:g} s")
+                if trio.current_time() >= fail_back_at:
+                    raise _FailBack
+                raise _ConnectionLost(f"no message for {config.idle_timeout:g} s")
             read_at = self.state.last_message_at = trio.current_time()
-            await self._handle(frame, read_at)
+            await self._handle(frame, read_at, base)
 
-    async def _handle(self, frame: str | bytes, read_at: float) -> None:
+    async def _handle(self, frame: str | bytes, read_at: float, base: str) -> None:
         metrics, tracker = self.metrics, self.tracker
         metrics.events_received.inc()
         try:
@@ -641,13 +444,16 @@ class _Reader:
             metrics.frames_malformed.inc()
             logger.warning("skipping {}", exc)
             if exc.time_us is not None:
+                self._check_reach(base, exc.time_us)
                 tracker.observe(exc.time_us)
             return
-        if not self.replay.admit(event):
+        self._check_reach(base, event.time_us)
+        if not self.seen.admit(event):
+            # A replay (the rewind, or a server re-sending): finished long ago. It must not
+            # touch the tracker, whose times may come from another instance's clock.
             metrics.events_skipped.labels("replayed").inc()
-            tracker.observe(event.time_us)
             return
-        self.state.newest_time_us = self.replay.newest
+        self.state.newest_time_us = self.seen.newest
         if event.job is None:
             metrics.events_skipped.labels(event.skip_reason or "other").inc()
             tracker.observe(event.time_us)
@@ -695,5 +501,6 @@ async def run_reader(
         state=state if state is not None else ReaderState(),
         start_cursor=start_cursor,
     )
+    reader.seen = _SeenEvents(config.seen_capacity)
     async with send:
         await reader.run(task_status)

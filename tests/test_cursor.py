@@ -11,7 +11,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from phash_trio.checkpoint import Checkpointer, CursorFile, CursorTracker, run_checkpointer
+from phash_trio.firehose.cursor import Checkpointer, CursorFile, CursorTracker, run_checkpointer
 
 
 @attrs.define

@@ -1,0 +1,1 @@
+"""Running the service: what keeps it honest towards systemd (DESIGN §5)."""
