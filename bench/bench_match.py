@@ -16,8 +16,8 @@ import tracemalloc
 
 import numpy as np
 
-from phash_trio.matching import RuleIndex, popcount
-from phash_trio.model import RuleSet, parse_rules
+from phash_trio.rules.index import RuleIndex, popcount
+from phash_trio.rules.model import RuleSet, parse_rules
 
 SMALL_RULES = 50
 SMALL_RULE_SIZE = 100

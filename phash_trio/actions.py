@@ -27,9 +27,9 @@ from loguru import logger
 
 from phash_trio.events import ActionKind, build_event
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.matching import Match
 from phash_trio.metrics import Metrics
 from phash_trio.ozone import OzoneClient
+from phash_trio.rules.index import Match
 from phash_trio.store import CLAIM_PENDING_PREFIX, RedisStore
 
 __all__ = ["Actions", "RateSpacer", "claim_key", "planned_actions"]

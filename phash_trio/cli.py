@@ -39,7 +39,7 @@ def _cmd_hash(args: argparse.Namespace) -> int:
 
 
 def _cmd_rules_check(args: argparse.Namespace) -> int:
-    from phash_trio.rulecheck import rules_check
+    from phash_trio.rules.check import rules_check
 
     threshold = args.threshold
     if threshold is None:
@@ -55,8 +55,8 @@ def _cmd_rules_check(args: argparse.Namespace) -> int:
 def _load_or_exit() -> tuple[object, object]:
     """Settings and rule index, or exit 2 with one line."""
     from phash_trio.config import ConfigError, load_settings
-    from phash_trio.matching import RuleIndex
-    from phash_trio.model import RuleFileError, load_rules
+    from phash_trio.rules.index import RuleIndex
+    from phash_trio.rules.model import RuleFileError, load_rules
 
     try:
         settings = load_settings()
@@ -83,7 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from phash_trio.config import Settings
     from phash_trio.logs import configure_logging
-    from phash_trio.matching import RuleIndex
+    from phash_trio.rules.index import RuleIndex
     from phash_trio.service import StartupError, run_service
 
     settings, rules = _load_or_exit()
@@ -119,7 +119,7 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
     from phash_trio.config import Settings
     from phash_trio.deadletters import dead_letters_command
     from phash_trio.logs import configure_logging
-    from phash_trio.matching import RuleIndex
+    from phash_trio.rules.index import RuleIndex
 
     settings, rules = _load_or_exit()
     assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)

@@ -14,11 +14,11 @@ from phash_trio.config import Settings
 from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.identity import PdsResolver
 from phash_trio.image.pool import HashPool
-from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.net.transport import guarded_transport
 from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor
+from phash_trio.rules.index import RuleIndex
 from phash_trio.store import RedisStore
 
 __all__ = ["open_processor"]

@@ -99,6 +99,19 @@ class Settings:
     #: Largest accepted decoded image in pixels (decompression bombs).
     max_image_pixels: int = 25_000_000
 
+    # Banks and PDQ (issue 12).
+    #: PDQ distance (of 256 bits) that still matches when a rule has no ``pdqThreshold``.
+    pdq_hamming_threshold: int = 31
+    #: PDQ quality below which no PDQ match is attempted (HMA's cut is 50).
+    pdq_quality_min: int = 50
+    #: How often an instance reads the banks' change log from Redis.
+    banks_poll_secs: float = 2.0
+    #: A full bank reload (only when the change log was trimmed past us) waits a random
+    #: 0..this many seconds, so instances do not all reload at once.
+    banks_resync_jitter_secs: float = 30.0
+    #: Entries kept in the banks' change log (each holds up to 500 changed hashes).
+    banks_log_maxlen: int = 5000
+
     @property
     def has_credentials(self) -> bool:
         """True when every Ozone credential is present."""
@@ -208,6 +221,11 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "HASH_PROCESSES": ("hash_processes", _parse_int, 0),
     "MAX_BLOB_BYTES": ("max_blob_bytes", _parse_int, 1),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", _parse_int, 1),
+    "PDQ_HAMMING_THRESHOLD": ("pdq_hamming_threshold", _parse_int, 0),
+    "PDQ_QUALITY_MIN": ("pdq_quality_min", _parse_int, 0),
+    "BANKS_POLL_SECS": ("banks_poll_secs", _parse_float, 0.05),
+    "BANKS_RESYNC_JITTER_SECS": ("banks_resync_jitter_secs", _parse_float, 0),
+    "BANKS_LOG_MAXLEN": ("banks_log_maxlen", _parse_int, 100),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_SPEC)
@@ -237,6 +255,10 @@ def _check(settings: Settings) -> None:
     _check_url("REDIS_URL", settings.redis_url, ("redis", "rediss", "unix"))
     if not settings.jetstream_url:
         raise ConfigError("JETSTREAM_URL: must not be empty")
+    if settings.pdq_hamming_threshold > 256:
+        raise ConfigError(f"PDQ_HAMMING_THRESHOLD: {settings.pdq_hamming_threshold} is above 256")
+    if settings.pdq_quality_min > 100:
+        raise ConfigError(f"PDQ_QUALITY_MIN: {settings.pdq_quality_min} is above 100")
     if settings.log_format not in ("text", "json"):
         raise ConfigError(f"LOG_FORMAT: {settings.log_format!r} is not 'text' or 'json'")
     if settings.log_level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"):

@@ -17,9 +17,9 @@ import trio
 from phash_trio.components import open_processor
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import CursorTracker
-from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.pipeline import job_from_json
+from phash_trio.rules.index import RuleIndex
 from phash_trio.store import RedisStore, StoreError
 
 __all__ = ["dead_letters_command"]

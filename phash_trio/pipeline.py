@@ -28,9 +28,9 @@ from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.image.meanhash import ImageError, format_hash
 from phash_trio.image.pool import HashPool
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.matching import Match, RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.ozone import OzoneAuthError, OzoneError, OzoneUnavailable
+from phash_trio.rules.index import Match, RuleIndex
 from phash_trio.store import RedisStore, StoreError, backoff_delays
 
 __all__ = ["JobProcessor", "job_from_json", "job_to_json", "run_worker"]

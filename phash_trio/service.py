@@ -35,10 +35,10 @@ from phash_trio.config import Settings
 from phash_trio.firehose.cursor import Checkpointer, CursorFile, CursorTracker, run_checkpointer
 from phash_trio.firehose.reader import ReaderConfig, ReaderState, run_reader
 from phash_trio.jobs import ImageJob
-from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
 from phash_trio.notify import Notifier, run_watchdog
 from phash_trio.pipeline import run_worker
+from phash_trio.rules.index import RuleIndex
 from phash_trio.runtime.progress import ProgressCheck
 from phash_trio.store import RedisStore, run_health_monitor
 

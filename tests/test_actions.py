@@ -17,10 +17,10 @@ from phash_trio.actions import CLAIM_TTL_SECS, Actions, RateSpacer, claim_key, p
 from phash_trio.breaker import CircuitBreaker
 from phash_trio.events import ActionKind, build_event, externalid
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.matching import Match
 from phash_trio.metrics import Metrics
-from phash_trio.model import Rule
 from phash_trio.ozone import OzoneClient, OzoneRejected, OzoneUnavailable
+from phash_trio.rules.index import Match
+from phash_trio.rules.model import Rule
 from phash_trio.store import RedisStore
 from phash_trio.testing.fake_ozone import FakeOzone, run_fake_ozone
 

@@ -24,8 +24,8 @@ from e2e_helpers import GUARD, delivered, finished, harness, host_blobs, jobs_of
 from phash_trio.actions import claim_key, planned_actions
 from phash_trio.events import externalid
 from phash_trio.image.meanhash import ImageError, mean_hash
-from phash_trio.matching import RuleIndex
-from phash_trio.model import load_rules
+from phash_trio.rules.index import RuleIndex
+from phash_trio.rules.model import load_rules
 from phash_trio.testing.blobhost import cid_for
 from phash_trio.testing.capture import DEMO_CAPTURE, CaptureBuilder, demo_images, load_jsonl
 from phash_trio.testing.fake_ozone import FakeOzone

@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from phash_trio.actions import planned_actions
 from phash_trio.events import externalid
 from phash_trio.image.meanhash import ImageError, mean_hash
-from phash_trio.matching import RuleIndex
-from phash_trio.model import load_rules
+from phash_trio.rules.index import RuleIndex
+from phash_trio.rules.model import load_rules
 from phash_trio.testing.blobhost import cid_for
 from phash_trio.testing.capture import CaptureBuilder, demo_images
 from phash_trio.testing.jetstream_replay import fake_did

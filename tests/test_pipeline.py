@@ -28,11 +28,11 @@ from phash_trio.identity import PdsResolver
 from phash_trio.image.meanhash import mean_hash
 from phash_trio.image.pool import HashPool
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.matching import RuleIndex
 from phash_trio.metrics import Metrics
-from phash_trio.model import load_rules
 from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor, job_from_json, job_to_json, run_worker
+from phash_trio.rules.index import RuleIndex
+from phash_trio.rules.model import load_rules
 from phash_trio.store import DEAD_LETTER_KEY, RedisStore, run_health_monitor
 from phash_trio.testing.blobhost import BlobHost, PlcDirectory
 from phash_trio.testing.capture import IMAGES_DIR, record_cid

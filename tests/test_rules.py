@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from phash_trio.matching import RuleIndex
-from phash_trio.model import (
+from phash_trio.rules.check import rules_check
+from phash_trio.rules.index import RuleIndex
+from phash_trio.rules.model import (
     Rule,
     RuleFileError,
     RuleSet,
@@ -18,7 +19,6 @@ from phash_trio.model import (
     parse_phash,
     parse_rules,
 )
-from phash_trio.rulecheck import rules_check
 
 REPO = Path(__file__).resolve().parents[1]
 H1 = "fefefee3221f0b0a"
@@ -203,8 +203,10 @@ def test_error_label_wrong_type() -> None:
 
 
 def test_error_missing_phashes() -> None:
-    """A rule without phashes names the missing key."""
-    assert errors_of([rule(phashes=...)]) == ["rule 0 ('spam-image'): phashes: missing (required)"]
+    """A rule without phashes (nor pdqHashes, nor banks) names the missing key."""
+    assert errors_of([rule(phashes=...)]) == [
+        "rule 0 ('spam-image'): phashes: missing (required unless pdqHashes or banks is given)"
+    ]
 
 
 def test_error_empty_phashes() -> None:
@@ -349,7 +351,7 @@ def test_all_errors_reported_at_once(tmp_path: Path) -> None:
         "rule 2 ('spam-image'): ignoreDID[0]: 'nope' is not a valid did:plc or did:web",
         "rule 2 ('spam-image'): 'colour': unknown key",
         "rule 3: expected a JSON object, got number 7",
-        "rule 4: phashes: missing (required)",
+        "rule 4: phashes: missing (required unless pdqHashes or banks is given)",
         "rule 4: label: missing (required)",
     ]
     message = str(info.value)

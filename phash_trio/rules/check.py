@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TextIO
 
-from phash_trio.model import Rule, RuleFileError, load_rules
+from phash_trio.rules.model import Rule, RuleFileError, load_rules
 
 __all__ = ["rules_check"]
 

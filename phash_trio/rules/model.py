@@ -1,8 +1,9 @@
 """The rule file: a JSON array of rules in skywatch-phash-rs's ``rules/blobs.json`` format.
 
 Each rule names hashes of known images and what to do when a post carries one of them. JSON
-keys are skywatch-phash-rs's (camelCase), so its files load unchanged; ``maxActionsPerDay`` is
-ours. A rule file is checked as a whole: :class:`RuleFileError` carries *every* problem found,
+keys are skywatch-phash-rs's (camelCase), so its files load unchanged; ``maxActionsPerDay``,
+``pdqHashes`` (64-hex PDQ hashes), ``pdqThreshold`` and ``banks`` (names of hash banks in
+Redis) are ours. A rule needs ``phashes``, ``pdqHashes`` or ``banks``. A rule file is checked as a whole: :class:`RuleFileError` carries *every* problem found,
 each naming the rule index, the key and what is wrong, so one edit-check cycle fixes them all.
 Things that load but are probably mistakes (degenerate or duplicate hashes) become warnings.
 
@@ -50,8 +51,12 @@ PHASH_MAX = (1 << 64) - 1
 FEW_BITS = 4
 #: A threshold above this matches unrelated images (a quarter of all bits may differ).
 HIGH_THRESHOLD = 16
+#: A PDQ threshold above this matches unrelated images (HMA uses 31 of 256 bits).
+HIGH_PDQ_THRESHOLD = 63
 
 _HEX16_RE = re.compile(r"[0-9a-fA-F]{16}")
+_HEX64_RE = re.compile(r"[0-9a-fA-F]{64}")
+_BANK_RE = re.compile(r"[A-Z_][A-Z0-9_]*")
 # atproto custom label values: lowercase ASCII letters and '-'; '!' starts a global one.
 _LABEL_VALUE_RE = re.compile(r"!?[a-z-]{1,128}")
 
@@ -91,8 +96,8 @@ ACTION_KEYS: tuple[str, ...] = (
 
 
 def _check_phashes(rule: Rule, attribute: attrs.Attribute[tuple[int, ...]], value: Any) -> None:
-    if not value:
-        raise ValueError("a rule needs at least one hash")
+    if not value and not rule.pdq_hashes and not rule.banks:
+        raise ValueError("a rule needs at least one hash (phashes, pdq_hashes) or a bank")
     for h in value:
         if not isinstance(h, int) or not 0 <= h <= PHASH_MAX:
             raise ValueError(f"{h!r} is not a 64-bit hash")
@@ -120,6 +125,12 @@ class Rule:
     ignore_did: frozenset[str] = frozenset()
     #: Per-rule daily action cap; None means the service default MAX_ACTIONS_PER_DAY.
     max_actions_per_day: int | None = None
+    #: PDQ hashes (64 lowercase hex digits) matched within ``pdq_threshold``.
+    pdq_hashes: tuple[str, ...] = ()
+    #: Largest PDQ distance that still matches; None means PDQ_HAMMING_THRESHOLD.
+    pdq_threshold: int | None = None
+    #: Hash banks (in Redis) whose entries this rule matches.
+    banks: tuple[str, ...] = ()
 
     @phashes_hex.default
     def _hex_from_ints(self) -> tuple[str, ...]:
@@ -133,6 +144,10 @@ class Rule:
     def threshold(self, default: int) -> int:
         """The distance this rule matches within, given the service default."""
         return default if self.hamming_threshold is None else self.hamming_threshold
+
+    def pdq_limit(self, default: int) -> int:
+        """The PDQ distance this rule matches within, given PDQ_HAMMING_THRESHOLD."""
+        return default if self.pdq_threshold is None else self.pdq_threshold
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -171,13 +186,17 @@ _Hex16 = NewType("_Hex16", str)
 _Did = NewType("_Did", str)
 _Label = NewType("_Label", str)
 _Count = NewType("_Count", int)
+_Hex64 = NewType("_Hex64", str)
+_Bank = NewType("_Bank", str)
+_PdqList = NewType("_PdqList", list[_Hex64])
+_BankList = NewType("_BankList", list[_Bank])
 _HashList = NewType("_HashList", list[_Hex16])
 _DidList = NewType("_DidList", list[_Did])
 
 
 @attrs.frozen(kw_only=True)
 class _RawRule:
-    phashes: _HashList
+    phashes: _HashList | None = None
     label: _Label
     comment: str = ""
     report_acct: bool = False
@@ -190,6 +209,9 @@ class _RawRule:
     description: str | None = None
     ignore_did: _DidList | None = None
     max_actions_per_day: _Count | None = None
+    pdq_hashes: _PdqList | None = None
+    pdq_threshold: _Count | None = None
+    banks: _BankList | None = None
 
 
 # Python attribute -> JSON key (the ones that differ).
@@ -203,6 +225,8 @@ _RENAMES = {
     "hamming_threshold": "hammingThreshold",
     "ignore_did": "ignoreDID",
     "max_actions_per_day": "maxActionsPerDay",
+    "pdq_hashes": "pdqHashes",
+    "pdq_threshold": "pdqThreshold",
 }
 _JSON_KEYS = tuple(_RENAMES.get(a.name, a.name) for a in attrs.fields(_RawRule))
 
@@ -273,6 +297,22 @@ def _structure_hex16(value: object, _: type) -> str:
     return value
 
 
+def _structure_hex64(value: object, _: type) -> str:
+    if not isinstance(value, str):
+        raise _want("64 hex digits (a PDQ hash)", value)
+    if not _HEX64_RE.fullmatch(value):
+        raise _BadValue(f"{_short(value)} is not a PDQ hash (64 hex digits)")
+    return value.lower()
+
+
+def _structure_bank(value: object, _: type) -> str:
+    if not isinstance(value, str):
+        raise _want("a bank name", value)
+    if not _BANK_RE.fullmatch(value) or len(value) > 100:
+        raise _BadValue(f"{_short(value)} is not a bank name ([A-Z_][A-Z0-9_]*)")
+    return value
+
+
 def _structure_did(value: object, _: type) -> str:
     if not isinstance(value, str):
         raise _want("a DID string", value)
@@ -311,6 +351,23 @@ _converter.register_structure_hook(_Hex16, _structure_hex16)
 _converter.register_structure_hook(_Did, _structure_did)
 _converter.register_structure_hook(_HashList, _structure_hash_list)
 _converter.register_structure_hook(_DidList, _structure_list(_Did))
+_converter.register_structure_hook(_Hex64, _structure_hex64)
+_converter.register_structure_hook(_Bank, _structure_bank)
+
+
+def _structure_nonempty(item_type: Any, what: str) -> Callable[[object, type], list[str]]:
+    inner = _structure_list(item_type)
+
+    def structure(value: object, cl: type) -> list[str]:
+        if isinstance(value, list) and not value:
+            raise _BadValue(f"must list at least one {what}")
+        return inner(value, cl)
+
+    return structure
+
+
+_converter.register_structure_hook(_PdqList, _structure_nonempty(_Hex64, "hash"))
+_converter.register_structure_hook(_BankList, _structure_nonempty(_Bank, "bank"))
 _renames: dict[str, Any] = {name: override(rename=key) for name, key in _RENAMES.items()}
 _converter.register_structure_hook(
     _RawRule,
@@ -388,8 +445,8 @@ def _rule_name(index: int, item: object) -> str:
 def _to_rule(raw: _RawRule) -> Rule:
     return Rule(
         label=raw.label,
-        phashes=tuple(parse_phash(h) for h in raw.phashes),
-        phashes_hex=tuple(raw.phashes),
+        phashes=tuple(parse_phash(h) for h in raw.phashes or ()),
+        phashes_hex=tuple(raw.phashes or ()),
         comment=raw.comment,
         report_acct=raw.report_acct,
         label_acct=raw.label_acct,
@@ -401,6 +458,9 @@ def _to_rule(raw: _RawRule) -> Rule:
         description=raw.description,
         ignore_did=frozenset(raw.ignore_did or ()),
         max_actions_per_day=raw.max_actions_per_day,
+        pdq_hashes=tuple(raw.pdq_hashes or ()),
+        pdq_threshold=raw.pdq_threshold,
+        banks=tuple(dict.fromkeys(raw.banks or ())),
     )
 
 
@@ -417,12 +477,16 @@ def parse_rules(data: object) -> RuleSet:
             continue
         for key in getattr(item, "duplicate_keys", ()):
             errors.append(f"{name}: {key!r}: key given more than once")
+        hashless = not any(key in item for key in ("phashes", "pdqHashes", "banks"))
+        if hashless:
+            errors.append(f"{name}: phashes: missing (required unless pdqHashes or banks is given)")
         try:
             raw = _converter.structure(item, _RawRule)
         except Exception as exc:  # every structuring failure is reported, not raised
             errors.extend(f"{name}: {line}" for line in _describe(exc, ""))
             continue
-        rules.append(_to_rule(raw))
+        if not hashless:
+            rules.append(_to_rule(raw))
     if errors:
         raise RuleFileError(errors)
     return RuleSet(tuple(rules), tuple(_warnings(rules)))
@@ -466,6 +530,11 @@ def _warnings(rules: list[Rule]) -> Iterator[str]:
             )
         if not rule.actions:
             yield f"{name}: no action flag is set: matches are only logged"
+        if rule.pdq_threshold is not None and rule.pdq_threshold > HIGH_PDQ_THRESHOLD:
+            yield (
+                f"{name}: pdqThreshold: {rule.pdq_threshold} lets more than"
+                f" {HIGH_PDQ_THRESHOLD} of 256 bits differ: it will match unrelated images"
+            )
         if rule.hamming_threshold is not None and rule.hamming_threshold > HIGH_THRESHOLD:
             yield (
                 f"{name}: hammingThreshold: {rule.hamming_threshold} lets more than"

@@ -15,7 +15,7 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from phash_trio.model import PHASH_MAX, Rule, RuleSet, format_phash
+from phash_trio.rules.model import PHASH_MAX, Rule, RuleSet, format_phash
 
 __all__ = ["Match", "RuleIndex"]
 
@@ -76,6 +76,14 @@ class Match:
     matched_phash: int
     #: Hamming distance between the two, within the rule's threshold.
     distance: int
+    #: What matched: ``phash`` (the mean hash), ``pdq``, ``md5`` or ``sha256``.
+    signal_type: str = "phash"
+    #: The bank holding the matched hash; None when it is in the rule itself.
+    bank: str | None = None
+    #: The bank entry's content id (None if not from a bank, or Redis could not say).
+    content_id: str | None = None
+    #: The matched hash as hex when it is not a mean hash (then ``matched_phash`` is 0).
+    matched_value: str | None = None
 
     @property
     def phash_hex(self) -> str:
@@ -83,7 +91,24 @@ class Match:
 
     @property
     def matched_hex(self) -> str:
+        """The hash that matched, in its own format (16, 32 or 64 hex digits)."""
+        if self.matched_value is not None:
+            return self.matched_value
         return format_phash(self.matched_phash)
+
+    @property
+    def meta(self) -> dict[str, str | int]:
+        """What matched, for the Ozone event's ``modTool.meta`` and the decision log."""
+        meta: dict[str, str | int] = {
+            "signalType": self.signal_type,
+            "matchedHash": self.matched_hex,
+            "distance": self.distance,
+        }
+        if self.bank is not None:
+            meta["bank"] = self.bank
+        if self.content_id is not None:
+            meta["contentId"] = self.content_id
+        return meta
 
 
 class RuleIndex:

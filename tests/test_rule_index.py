@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from phash_trio.matching import Match, RuleIndex, _popcount_native, _popcount_swar
-from phash_trio.model import Rule, RuleSet, format_phash, parse_rules
+from phash_trio.rules.index import Match, RuleIndex, _popcount_native, _popcount_swar
+from phash_trio.rules.model import Rule, RuleSet, format_phash, parse_rules
 
 AUTHOR = "did:plc:someoneelseabcdefghijklm"
 IGNORED = "did:plc:ignoreauthorexample23456"
