@@ -19,6 +19,7 @@ from phash_trio.net.transport import guarded_transport
 from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor
 from phash_trio.rules.index import RuleIndex
+from phash_trio.state.hook import DecisionHook, NoDecisions
 from phash_trio.store import RedisStore
 
 __all__ = ["open_processor"]
@@ -31,9 +32,11 @@ async def open_processor(
     metrics: Metrics,
     store: RedisStore,
     tracker: CursorTracker,
+    decisions: DecisionHook | None = None,
 ) -> AsyncIterator[JobProcessor]:
     """A :class:`JobProcessor` with a shared HTTP client and hash pool; breakers feed metrics."""
     dry_run = settings.effective_dry_run
+    decisions = decisions or NoDecisions()
 
     def breaker(name: str, failures: int, timeout: float) -> CircuitBreaker:
         return CircuitBreaker(
@@ -79,6 +82,7 @@ async def open_processor(
                 default_daily_cap=settings.max_actions_per_day,
                 spacer=RateSpacer(settings.rate_limit_ms / 1000),
                 dry_run=dry_run,
+                decisions=decisions,
             )
             processor = JobProcessor(
                 fetcher=fetcher,
@@ -96,6 +100,7 @@ async def open_processor(
                 job_deadline=settings.job_deadline_secs,
                 max_image_pixels=settings.max_image_pixels,
                 max_blob_bytes=settings.max_blob_bytes,
+                decisions=decisions,
             )
             yield processor
     finally:

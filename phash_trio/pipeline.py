@@ -31,6 +31,7 @@ from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.metrics import Metrics
 from phash_trio.ozone import OzoneAuthError, OzoneError, OzoneUnavailable
 from phash_trio.rules.index import Match, RuleIndex
+from phash_trio.state.hook import DecisionHook, NoDecisions
 from phash_trio.store import RedisStore, StoreError, backoff_delays
 
 __all__ = ["JobProcessor", "job_from_json", "job_to_json", "run_worker"]
@@ -91,6 +92,8 @@ class JobProcessor:
     job_deadline: float = 300.0
     max_image_pixels: int = 50_000_000
     max_blob_bytes: int = 2_000_000
+    #: Told of every match, bad blob and dead letter (the decision log).
+    decisions: DecisionHook = attrs.field(factory=NoDecisions)
 
     async def _hash_blob(self, job: ImageJob, blob: BlobRef, stage: _Stage) -> int | None:
         """The blob's hash, or None for a bad blob (counted, logged, not retried)."""
@@ -110,6 +113,7 @@ class JobProcessor:
         except BlobError as exc:
             self.metrics.blob_errors.labels(kind=_error_kind(exc)).inc()
             logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
+            self.decisions.bad_blob(job, blob, _error_kind(exc), str(exc))
             return None
         stage.name = "hash"
         try:
@@ -119,6 +123,7 @@ class JobProcessor:
         except ImageError as exc:  # HashWorkerDied too: a blob that kills workers is bad
             self.metrics.blob_errors.labels(kind=_error_kind(exc)).inc()
             logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
+            self.decisions.bad_blob(job, blob, _error_kind(exc), str(exc))
             return None
         self.metrics.blobs_processed.inc()
         if self.cache_enabled:
@@ -147,6 +152,7 @@ class JobProcessor:
                     match.rule.label,
                     match.distance,
                 )
+                self.decisions.match(job, blob, match)
                 stage.name = "act"
                 try:
                     await self.actions.apply(job, blob, match)
@@ -209,6 +215,7 @@ class JobProcessor:
                 await self._dead_letter(job, error, attempts)
             if writing.cancelled_caught:
                 self._dead_letter_lost(job, error, attempts, "no Redis write succeeded in time")
+            self.decisions.dead_letter(job, error, attempts)
         else:
             self.metrics.jobs_processed.inc()
         if job.read_at is not None:
