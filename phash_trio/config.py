@@ -112,6 +112,30 @@ class Settings:
     #: Entries kept in the banks' change log (each holds up to 500 changed hashes).
     banks_log_maxlen: int = 5000
 
+    # Decision log, webhooks, live events and the moderators' page (issue 14).
+    #: Seconds the decision log keeps entries (trimmed by time at every append).
+    decisions_retention_secs: float = 7 * 24 * 3600.0
+    #: Decisions buffered in memory while Redis is slow; beyond it they are dropped and counted.
+    decisions_buffer: int = 10_000
+    #: JSON file of webhook subscriptions (empty: only those made through the API).
+    webhooks_file: Path | None = None
+    #: Seconds a webhook event is retried (5xx, timeouts) before it becomes a dead letter.
+    webhook_retry_max_secs: float = 86400.0
+    #: Seconds one webhook POST may take.
+    webhook_timeout_secs: float = 10.0
+    #: Seconds an instance's claim on a subscription lasts without renewal (failover time).
+    webhook_lease_secs: float = 15.0
+    #: Events buffered per SSE client; a client that falls this far behind is disconnected.
+    sse_client_buffer: int = 1000
+    #: Seconds between SSE heartbeat comments.
+    sse_heartbeat_secs: float = 15.0
+    #: Seconds a moderators' page sign-in lasts.
+    session_ttl_secs: float = 8 * 3600.0
+    #: File of hashed API keys with scopes (see ``phash-trio api-keys``); empty: no keys.
+    api_keys_file: Path | None = None
+    #: ``keys`` (default) or ``none`` to serve the API without keys on purpose.
+    api_auth: str = "keys"
+
     @property
     def has_credentials(self) -> bool:
         """True when every Ozone credential is present."""
@@ -226,6 +250,17 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "BANKS_POLL_SECS": ("banks_poll_secs", _parse_float, 0.05),
     "BANKS_RESYNC_JITTER_SECS": ("banks_resync_jitter_secs", _parse_float, 0),
     "BANKS_LOG_MAXLEN": ("banks_log_maxlen", _parse_int, 100),
+    "DECISIONS_RETENTION_SECS": ("decisions_retention_secs", _parse_float, 60),
+    "DECISIONS_BUFFER": ("decisions_buffer", _parse_int, 10),
+    "WEBHOOKS_FILE": ("webhooks_file", _parse_path, None),
+    "WEBHOOK_RETRY_MAX_SECS": ("webhook_retry_max_secs", _parse_float, 0),
+    "WEBHOOK_TIMEOUT_SECS": ("webhook_timeout_secs", _parse_float, 0.1),
+    "WEBHOOK_LEASE_SECS": ("webhook_lease_secs", _parse_float, 1),
+    "SSE_CLIENT_BUFFER": ("sse_client_buffer", _parse_int, 1),
+    "SSE_HEARTBEAT_SECS": ("sse_heartbeat_secs", _parse_float, 0.1),
+    "SESSION_TTL_SECS": ("session_ttl_secs", _parse_float, 60),
+    "API_KEYS_FILE": ("api_keys_file", _parse_path, None),
+    "API_AUTH": ("api_auth", _parse_str, None),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_SPEC)
@@ -259,6 +294,8 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"PDQ_HAMMING_THRESHOLD: {settings.pdq_hamming_threshold} is above 256")
     if settings.pdq_quality_min > 100:
         raise ConfigError(f"PDQ_QUALITY_MIN: {settings.pdq_quality_min} is above 100")
+    if settings.api_auth not in ("keys", "none"):
+        raise ConfigError(f"API_AUTH: {settings.api_auth!r} is not 'keys' or 'none'")
     if settings.log_format not in ("text", "json"):
         raise ConfigError(f"LOG_FORMAT: {settings.log_format!r} is not 'text' or 'json'")
     if settings.log_level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"):

@@ -40,6 +40,11 @@ from phash_trio.notify import Notifier, run_watchdog
 from phash_trio.pipeline import run_worker
 from phash_trio.rules.index import RuleIndex
 from phash_trio.runtime.progress import ProgressCheck
+from phash_trio.state.services import (
+    DecisionConfigError,
+    decision_settings,
+    open_decision_services,
+)
 from phash_trio.store import RedisStore, run_health_monitor
 
 __all__ = ["Service", "StartupError", "run_service"]
@@ -139,7 +144,14 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
     for warning in rules.ruleset.warnings:
         logger.warning("rule file {}: {}", settings.rules_file, warning)
 
-    async with open_processor(settings, rules, metrics, store, tracker) as processor:
+    try:  # issue 14: the webhooks file and the API keys, checked before anything starts
+        file_subs, auth = decision_settings(settings)
+    except DecisionConfigError as exc:
+        raise StartupError(str(exc)) from None
+    async with (
+        open_decision_services(settings, metrics.registry, file_subs) as decisions,
+        open_processor(settings, rules, metrics, store, tracker, decisions.recorder) as processor,
+    ):
         reader_config = ReaderConfig.from_settings(settings)
         try:
             async with trio.open_nursery() as root:
@@ -178,11 +190,12 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                 root.start_soon(
                     run_checkpointer, checkpointer, settings.cursor_update_interval_ms / 1000
                 )
+                await root.start(decisions.run)
                 if settings.metrics_addr:
+                    app = create_app(metrics, service.health, routes=decisions.routes())
+                    decisions.install(app, auth)
                     try:
-                        server = await root.start(
-                            serve_app, create_app(metrics, service.health), settings.metrics_addr
-                        )
+                        server = await root.start(serve_app, app, settings.metrics_addr)
                     except* OSError as group:
                         leaf: BaseException = group
                         while isinstance(leaf, BaseExceptionGroup):

@@ -152,31 +152,34 @@ class DecisionLog:
     async def after(self, last_id: str, count: int = 500) -> list[Decision]:
         """Entries strictly after ``last_id`` ("0-0" for the oldest), oldest first."""
         start = f"({last_id}" if last_id not in ("0", "0-0") else "-"
-        rows = await self.redis.call(
-            "XRANGE decisions", lambda c: c.xrange(self.key, start, "+", count=count)
-        )
-        return _decisions(rows)
+
+        def run(c: Any) -> Any:
+            return c.xrange(self.key, start, "+", count=count)
+
+        return _decisions(await self.redis.call("XRANGE decisions", run))
 
     async def since(self, start_ms: int, batch: int = 1000) -> AsyncIterator[Decision]:
         """Every entry from ``start_ms`` (Unix ms) on, oldest first, read in batches."""
-        rows = await self.redis.call(
-            "XRANGE decisions", lambda c: c.xrange(self.key, str(start_ms), "+", count=batch)
-        )
-        while rows:
+        start = str(start_ms)
+        while True:
+
+            def run(c: Any, start: str = start) -> Any:
+                return c.xrange(self.key, start, "+", count=batch)
+
+            rows = await self.redis.call("XRANGE decisions", run)
+            if not rows:
+                return
             for decision in _decisions(rows):
                 yield decision
-            last = rows[-1][0]
-            rows = await self.redis.call(
-                "XRANGE decisions",
-                lambda c, last=last: c.xrange(self.key, f"({last}", "+", count=batch),
-            )
+            start = f"({rows[-1][0]}"
 
     async def latest(self, limit: int, offset: int = 0) -> list[Decision]:
         """Newest first, skipping ``offset`` (the bridge's ``/api/v1/logs`` paging)."""
-        rows = await self.redis.call(
-            "XREVRANGE decisions",
-            lambda c: c.xrevrange(self.key, "+", "-", count=offset + limit),
-        )
+
+        def run(c: Any) -> Any:
+            return c.xrevrange(self.key, "+", "-", count=offset + limit)
+
+        rows = await self.redis.call("XREVRANGE decisions", run)
         return _decisions(rows[offset:])
 
     async def for_photo(self, photo_id: str) -> list[Decision]:

@@ -133,9 +133,7 @@ class DecisionRecorder:
 
     def dead_letter(self, job: ImageJob, error: str, attempts: int) -> None:
         data = self._base(job, None)
-        data.update(
-            error=error[:MAX_TEXT], attempts=attempts, cids=[b.cid for b in job.blobs][:4]
-        )
+        data.update(error=error[:MAX_TEXT], attempts=attempts, cids=[b.cid for b in job.blobs][:4])
         self.emit("dead_letter", data)
 
     def bad_blob(self, job: ImageJob, blob: BlobRef, kind: str, message: str) -> None:

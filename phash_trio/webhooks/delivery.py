@@ -35,7 +35,7 @@ from phash_trio.state.redisio import RedisThreads, run_in_thread
 from phash_trio.store import StoreError, backoff_delays
 from phash_trio.webhooks.subscriptions import Subscription
 
-__all__ = ["DEAD_PREFIX", "DeliveryConfig", "Deliverer", "group_name"]
+__all__ = ["DEAD_PREFIX", "Deliverer", "DeliveryConfig", "group_name"]
 
 DEAD_PREFIX = "webhooks:dead:"
 LEASE_PREFIX = "webhooks:lease:"
@@ -82,7 +82,7 @@ class Deliverer:
     client: httpx.AsyncClient
     metrics: DecisionMetrics
     consumer: str
-    config: DeliveryConfig = DeliveryConfig()
+    config: DeliveryConfig = attrs.field(factory=DeliveryConfig)
     key: str = STREAM_KEY
     wall_now: Callable[[], float] = time.time
     rng: random.Random = attrs.field(factory=random.Random)
@@ -148,7 +148,9 @@ class Deliverer:
         release = "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end"
         with trio.move_on_after(2), trio.CancelScope(shield=True):
             try:
-                await self.redis.call("lease release", lambda c: c.eval(release, 1, lease, self.consumer))
+                await self.redis.call(
+                    "lease release", lambda c: c.eval(release, 1, lease, self.consumer)
+                )
             except StoreError:
                 pass
 
@@ -219,7 +221,9 @@ class Deliverer:
         return await run_in_thread("XREADGROUP", read, blocking)
 
     async def _ack(self, entry_id: str) -> None:
-        await self.redis.call("XACK", lambda c: c.xack(self.key, self.group, entry_id), abandon=False)
+        await self.redis.call(
+            "XACK", lambda c: c.xack(self.key, self.group, entry_id), abandon=False
+        )
 
     async def _handle(self, entry_id: str, fields: Any) -> None:
         decision = decision_from_fields(entry_id, fields)

@@ -31,7 +31,7 @@ class WebhookManager:
     consumer: str
     file_subs: tuple[Subscription, ...] = ()
     store: SubscriptionStore | None = None
-    config: DeliveryConfig = DeliveryConfig()
+    config: DeliveryConfig = attrs.field(factory=DeliveryConfig)
     poll_secs: float = 5.0
     deliverers: dict[str, tuple[Deliverer, trio.CancelScope]] = attrs.field(factory=dict)
 
