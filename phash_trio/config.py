@@ -127,6 +127,8 @@ class Settings:
     webhook_lease_secs: float = 15.0
     #: Events buffered per SSE client; a client that falls this far behind is disconnected.
     sse_client_buffer: int = 1000
+    #: Most SSE clients at once per instance (more get 503); the HTTP connection cap grows by it.
+    sse_max_clients: int = 256
     #: Seconds between SSE heartbeat comments.
     sse_heartbeat_secs: float = 15.0
     #: Seconds a moderators' page sign-in lasts.
@@ -257,6 +259,7 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "WEBHOOK_TIMEOUT_SECS": ("webhook_timeout_secs", _parse_float, 0.1),
     "WEBHOOK_LEASE_SECS": ("webhook_lease_secs", _parse_float, 1),
     "SSE_CLIENT_BUFFER": ("sse_client_buffer", _parse_int, 1),
+    "SSE_MAX_CLIENTS": ("sse_max_clients", _parse_int, 1),
     "SSE_HEARTBEAT_SECS": ("sse_heartbeat_secs", _parse_float, 0.1),
     "SESSION_TTL_SECS": ("session_ttl_secs", _parse_float, 60),
     "API_KEYS_FILE": ("api_keys_file", _parse_path, None),

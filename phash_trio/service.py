@@ -30,6 +30,7 @@ import trio
 from loguru import logger
 
 from phash_trio.api import create_app, serve_app
+from phash_trio.api.server import ServerLimits
 from phash_trio.components import open_processor
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import Checkpointer, CursorFile, CursorTracker, run_checkpointer
@@ -195,7 +196,9 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                     app = create_app(metrics, service.health, routes=decisions.routes())
                     decisions.install(app, auth)
                     try:
-                        server = await root.start(serve_app, app, settings.metrics_addr)
+                        # Event-stream clients hold a connection each: room for them too.
+                        limits = ServerLimits(max_connections=64 + settings.sse_max_clients)
+                        server = await root.start(serve_app, app, settings.metrics_addr, limits)
                     except* OSError as group:
                         leaf: BaseException = group
                         while isinstance(leaf, BaseExceptionGroup):

@@ -13,14 +13,15 @@ than the newest trimmed entry gets a first ``event: retention`` saying entries m
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 import attrs
 import trio
 from loguru import logger
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from phash_trio.api.auth import ApiError
@@ -97,6 +98,7 @@ class Broadcaster:
     metrics: DecisionMetrics
     buffer: int = 1000
     heartbeat_secs: float = HEARTBEAT_SECS
+    max_clients: int = 256
     clients: set[_Client] = attrs.field(factory=set)
     #: Id of the newest entry handed out (clients joining now start after it).
     last_seen: str = "0-0"
@@ -136,12 +138,14 @@ class Broadcaster:
         task_status.started()
         blocking = self.redis.blocking_client(_BLOCK_SECS)
         key = self.log.key
+        # A burst larger than a client's buffer would cut even a client that keeps up.
+        batch = max(1, min(500, self.buffer // 2))
         try:
             while True:
                 last = self.last_seen
 
                 def read(c: Any, last: str = last) -> Any:
-                    return c.xread({key: last}, count=500, block=int(_BLOCK_SECS * 1000))
+                    return c.xread({key: last}, count=batch, block=int(_BLOCK_SECS * 1000))
 
                 try:
                     reply = await run_in_thread("XREAD", read, blocking)
@@ -159,7 +163,7 @@ class Broadcaster:
         finally:
             blocking.close()
 
-    async def stream(self, last_id: str | None, filters: Filters) -> AsyncIterator[str]:
+    async def stream(self, last_id: str | None, filters: Filters) -> AsyncGenerator[str, None]:
         """The text of one client's event stream."""
         client = self.subscribe()
         try:
@@ -182,19 +186,65 @@ class Broadcaster:
             while True:
                 with trio.move_on_after(self.heartbeat_secs) as quiet:
                     try:
-                        decision = await client.receive.receive()
+                        pending = [await client.receive.receive()]
                     except trio.EndOfChannel:
                         return  # cut for being slow: the client resumes by id
                 if quiet.cancelled_caught:
                     yield ": heartbeat\n\n"
                     continue
-                if entry_key(decision.id) <= seen:
-                    continue
-                seen = entry_key(decision.id)
-                if filters.wants(decision):
-                    yield format_event(decision)
+                # Everything already buffered goes out in one write.
+                while len(pending) < 1000:
+                    try:
+                        pending.append(client.receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                chunk = []
+                for decision in pending:
+                    if entry_key(decision.id) <= seen:
+                        continue
+                    seen = entry_key(decision.id)
+                    if filters.wants(decision):
+                        chunk.append(format_event(decision))
+                if chunk:
+                    yield "".join(chunk)
         finally:
             self.unsubscribe(client)
+
+
+class EventStreamResponse(Response):
+    """``text/event-stream`` from an async generator that is always closed (aclosing) when
+    the client goes away, so its clean-up (leaving the broadcaster) runs at once."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncGenerator[str, None]) -> None:
+        # No super().__init__: it would declare a Content-Length for an empty body.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        self.events = events
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async with aclosing(self.events) as events:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async with trio.open_nursery() as nursery:
+
+                async def until_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until_disconnect)
+                async for text in events:
+                    await send(
+                        {"type": "http.response.body", "body": text.encode(), "more_body": True}
+                    )
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                nursery.cancel_scope.cancel()
 
 
 def _last_event_id(request: Request) -> str | None:
@@ -213,10 +263,11 @@ def event_routes(broadcaster: Broadcaster) -> list[Route]:
         require_read(request)
         filters = Filters.from_query(request.query_params)
         last_id = _last_event_id(request)
-        return StreamingResponse(
-            broadcaster.stream(last_id, filters),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        if len(broadcaster.clients) >= broadcaster.max_clients:
+            raise ApiError(
+                f"already {broadcaster.max_clients} event-stream clients; try again later",
+                status=503,
+            )
+        return EventStreamResponse(broadcaster.stream(last_id, filters))
 
     return [Route("/api/v1/events", events, methods=["GET"])]

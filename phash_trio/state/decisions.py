@@ -45,15 +45,19 @@ _ENTRY_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 
 # Append one entry and index it by photo; trims by time with Redis's own clock.
 # KEYS[1] stream, KEYS[2..] photo index keys; ARGV: retention ms, kind, data json, index size.
-# The newest id trimmed so far is kept in "<stream>:trimmed" (Redis 7.0 does not update
-# XINFO's max-deleted-entry-id on trimming), so a reader can tell it fell out of retention.
+# When a trim removes entries, "<stream>:trimmed" becomes "<cutoff>-0": every id below it may
+# be gone (Redis 7.0 does not update XINFO's max-deleted-entry-id on trimming, and finding the
+# newest trimmed id with XREVRANGE costs 5x the append), so a reader can tell it fell out of
+# retention (at worst it is told so when nothing it missed was actually there).
 _APPEND = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local cutoff = now_ms - tonumber(ARGV[1])
 if cutoff < 0 then cutoff = 0 end
-local gone = redis.call('XREVRANGE', KEYS[1], '(' .. tostring(cutoff), '-', 'COUNT', 1)
-if #gone > 0 then redis.call('SET', KEYS[1] .. ':trimmed', gone[1][1]) end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if #first > 0 and tonumber(string.match(first[1][1], '^(%d+)')) < cutoff then
+  redis.call('SET', KEYS[1] .. ':trimmed', tostring(cutoff) .. '-0')
+end
 local id = redis.call('XADD', KEYS[1], 'MINID', '=', tostring(cutoff), '*',
                       'kind', ARGV[2], 'data', ARGV[3])
 local ttl = math.ceil(tonumber(ARGV[1]) / 1000)
@@ -212,7 +216,7 @@ class DecisionLog:
 
     async def trimmed_past(self, last_id: str) -> bool:
         """True when entries after ``last_id`` may have been trimmed (it fell out of retention):
-        the newest entry ever trimmed is newer than ``last_id``."""
+        it is older than the last trim's cutoff."""
         trimmed = await self.redis.call("GET trimmed", lambda c: c.get(self.key + ":trimmed"))
         if not isinstance(trimmed, str):
             return False

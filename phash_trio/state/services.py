@@ -107,6 +107,7 @@ class DecisionServices:
     signer: SessionSigner | None = None
     apps: list[Starlette] = attrs.field(factory=list)
     ttl_secs: float = 8 * 3600.0
+    _ready: trio.Event = attrs.field(factory=trio.Event)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -130,6 +131,11 @@ class DecisionServices:
         self.signer = SessionSigner(secret, ttl)
         for app in self.apps:
             app.state.session_signer = self.signer
+        self._ready.set()
+
+    async def signer_ready(self) -> None:
+        """Wait until the session secret is read (tests; sign-in answers 503 until then)."""
+        await self._ready.wait()
 
     def install(self, app: Starlette, auth: Auth) -> None:
         """Give ``app`` the key check and (once read) the session signer; JSON errors."""
@@ -165,6 +171,7 @@ async def open_decision_services(
         metrics,
         buffer=settings.sse_client_buffer,
         heartbeat_secs=settings.sse_heartbeat_secs,
+        max_clients=settings.sse_max_clients,
     )
     subs = SubscriptionStore(redis, allow_private=settings.allow_private_networks)
     config = DeliveryConfig(
