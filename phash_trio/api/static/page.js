@@ -50,7 +50,10 @@
       img.referrerPolicy = "no-referrer";
       img.src = data.thumb;
       img.addEventListener("click", () => img.classList.toggle("blurred"));
-      image.appendChild(img);
+      const box = document.createElement("div");
+      box.className = "thumbbox";
+      box.appendChild(img);
+      image.appendChild(box);
     }
     const body = $("rows");
     body.insertBefore(tr, body.firstChild);
