@@ -36,3 +36,4 @@ bench:
     {{py}} bench/bench_hash.py
     {{py}} bench/bench_match.py
     {{py}} bench/bench_pipeline.py
+    {{py}} bench/bench_events.py

@@ -82,10 +82,14 @@ def format_event(decision: Decision) -> str:
     return f"id: {decision.id}\nevent: {decision.kind}\ndata: {decision.json()}\n\n"
 
 
+#: An entry and its SSE text, formatted once for every client.
+_Item = tuple[Decision, str]
+
+
 @attrs.define(eq=False)
 class _Client:
-    send: trio.MemorySendChannel[Decision]
-    receive: trio.MemoryReceiveChannel[Decision]
+    send: trio.MemorySendChannel[_Item]
+    receive: trio.MemoryReceiveChannel[_Item]
     cut: bool = False
 
 
@@ -105,7 +109,7 @@ class Broadcaster:
     fanned_out: int = 0
 
     def subscribe(self) -> _Client:
-        send, receive = trio.open_memory_channel[Decision](self.buffer)
+        send, receive = trio.open_memory_channel[_Item](self.buffer)
         client = _Client(send, receive)
         self.clients.add(client)
         return client
@@ -115,9 +119,10 @@ class Broadcaster:
         client.send.close()
 
     def _offer(self, decision: Decision) -> None:
+        item = (decision, format_event(decision))
         for client in list(self.clients):
             try:
-                client.send.send_nowait(decision)
+                client.send.send_nowait(item)
             except trio.WouldBlock:
                 client.cut = True
                 self.clients.discard(client)
@@ -199,12 +204,12 @@ class Broadcaster:
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 chunk = []
-                for decision in pending:
+                for decision, text in pending:
                     if entry_key(decision.id) <= seen:
                         continue
                     seen = entry_key(decision.id)
                     if filters.wants(decision):
-                        chunk.append(format_event(decision))
+                        chunk.append(text)
                 if chunk:
                     yield "".join(chunk)
         finally:
