@@ -24,7 +24,6 @@ from pathlib import Path
 
 import httpx
 import trio
-from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -97,7 +96,7 @@ async def main(events: int, sse_clients: int, hooks: int) -> None:
             done = trio.Event()
             for i in range(sse_clients):
                 nursery.start_soon(_sse_client, server.port, counts, i, done, events)
-            while len(services.broadcaster.clients) < sse_clients:
+            while len(services.broadcaster.clients) < sse_clients:  # noqa: ASYNC110
                 await trio.sleep(0.01)
             t = time.perf_counter()
             for _ in range(events):
@@ -135,7 +134,7 @@ async def main(events: int, sse_clients: int, hooks: int) -> None:
                     recorder.emit("match", DATA)
                 await recorder.settled()
                 with trio.move_on_after(300):
-                    while min(len(rx.received) for rx in receivers) < n_hooks:
+                    while min(len(rx.received) for rx in receivers) < n_hooks:  # noqa: ASYNC110
                         await trio.sleep(0.02)
                 took = time.perf_counter() - t
                 got = sum(len(rx.received) for rx in receivers)
@@ -155,5 +154,4 @@ if __name__ == "__main__":
     parser.add_argument("--sse-clients", type=int, default=100)
     parser.add_argument("--hooks", type=int, default=10)
     args = parser.parse_args()
-    _ = CollectorRegistry
     trio.run(main, args.events, args.sse_clients, args.hooks)
