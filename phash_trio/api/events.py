@@ -107,6 +107,8 @@ class Broadcaster:
     #: Id of the newest entry handed out (clients joining now start after it).
     last_seen: str = "0-0"
     fanned_out: int = 0
+    #: Set once ``last_seen`` is read from Redis (live-only clients start after it).
+    ready: trio.Event = attrs.field(factory=trio.Event)
 
     def subscribe(self) -> _Client:
         send, receive = trio.open_memory_channel[_Item](self.buffer)
@@ -131,7 +133,9 @@ class Broadcaster:
                 logger.info("SSE client too slow (buffer of {} full): cut", self.buffer)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Tail the stream until cancelled (Redis outages are waited out)."""
+        """Tail the stream until cancelled (Redis outages are waited out; start-up does not
+        wait for Redis)."""
+        task_status.started()
         delays = backoff_delays(0.2, 5.0)
         while True:
             try:
@@ -140,7 +144,7 @@ class Broadcaster:
             except StoreError as exc:
                 logger.warning("SSE: cannot read the decision log yet: {}", exc)
                 await trio.sleep(next(delays))
-        task_status.started()
+        self.ready.set()
         blocking = self.redis.blocking_client(_BLOCK_SECS)
         key = self.log.key
         # A burst larger than a client's buffer would cut even a client that keeps up.
@@ -170,6 +174,7 @@ class Broadcaster:
 
     async def stream(self, last_id: str | None, filters: Filters) -> AsyncGenerator[str, None]:
         """The text of one client's event stream."""
+        await self.ready.wait()
         client = self.subscribe()
         try:
             cursor = self.last_seen
