@@ -9,8 +9,8 @@ names the field or the URL's host, never the body.
 
 from __future__ import annotations
 
-import json
 import functools
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
