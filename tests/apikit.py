@@ -48,13 +48,20 @@ class Api:
     auth: Auth
     metrics: Metrics
 
-    def client(self, key: str | None = "check", **kw: object) -> httpx.AsyncClient:
-        headers = {"X-API-Key": self.keys[key]} if key else {}
-        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30, **kw)  # type: ignore[arg-type]
+    def client(
+        self, key: str | None = "check", headers: dict[str, str] | None = None
+    ) -> httpx.AsyncClient:
+        """A client sending the ``key`` scope's key as X-API-Key (None: no key)."""
+        sent = {"X-API-Key": self.keys[key]} if key else {}
+        sent.update(headers or {})
+        return httpx.AsyncClient(base_url=self.url, headers=sent, timeout=30)
 
     async def synced(self) -> None:
-        """Wait until the index has applied every bank change so far."""
-        await self.sync.poll_once()
+        """Wait (at most 10 s) until the index has applied every bank change made so far."""
+        target = self.banks.seq()
+        with trio.fail_after(10):
+            while self.sync.index is None or self.sync.index.seq < target:
+                await trio.sleep(0.01)
 
 
 @asynccontextmanager
