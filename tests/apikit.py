@@ -60,7 +60,8 @@ class Api:
         """Wait (at most 10 s) until the index has applied every bank change made so far."""
         target = self.banks.seq()
         with trio.fail_after(10):
-            while self.sync.index is None or self.sync.index.seq < target:
+            # The index has no event to wait on: poll it.
+            while self.sync.index is None or self.sync.index.seq < target:  # noqa: ASYNC110
                 await trio.sleep(0.01)
 
 

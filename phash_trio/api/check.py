@@ -226,6 +226,10 @@ async def check(request: Request) -> Response:
     ctx = _ctx(request)
     data, params = await _params(ctx, request)
     did = _str(params, "did") or ""
+    uri = _str(params, "uri")
+    parsed = _URI.fullmatch(uri) if uri else None
+    if not did and parsed is not None:
+        did = parsed["did"]  # rules that ignore an author apply to the post's author
     cid = _str(params, "cid")
     url = _str(params, "url")
     act = str(params.get("act", "")).lower() in _TRUE or params.get("act") is True
