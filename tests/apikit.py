@@ -49,12 +49,13 @@ class Api:
     metrics: Metrics
 
     def client(
-        self, key: str | None = "check", headers: dict[str, str] | None = None
+        self, key: str | None = "check", headers: dict[str, str] | None = None, connections: int = 10
     ) -> httpx.AsyncClient:
         """A client sending the ``key`` scope's key as X-API-Key (None: no key)."""
         sent = {"X-API-Key": self.keys[key]} if key else {}
         sent.update(headers or {})
-        return httpx.AsyncClient(base_url=self.url, headers=sent, timeout=30)
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return httpx.AsyncClient(base_url=self.url, headers=sent, timeout=60, limits=limits)
 
     async def synced(self) -> None:
         """Wait (at most 10 s) until the index has applied every bank change made so far."""
