@@ -49,7 +49,10 @@ class Api:
     metrics: Metrics
 
     def client(
-        self, key: str | None = "check", headers: dict[str, str] | None = None, connections: int = 10
+        self,
+        key: str | None = "check",
+        headers: dict[str, str] | None = None,
+        connections: int = 10,
     ) -> httpx.AsyncClient:
         """A client sending the ``key`` scope's key as X-API-Key (None: no key)."""
         sent = {"X-API-Key": self.keys[key]} if key else {}

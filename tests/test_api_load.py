@@ -138,7 +138,9 @@ async def test_keys_and_images_never_reach_the_log(
     async with open_api(redis_proc.url, tmp_path) as api:
         async with api.client() as client:
             await client.post("/h/hash", files={"photo": ("x.jpg", secret_image)})
-            await client.post("/api/v1/check", content=secret_image, headers={"content-type": "image/jpeg"})
+            await client.post(
+                "/api/v1/check", content=secret_image, headers={"content-type": "image/jpeg"}
+            )
         async with api.client(None, {"X-API-Key": "pt_not-a-real-key-1234"}) as bad:
             await bad.get("/m/index/status")
         keys = list(api.keys.values())
