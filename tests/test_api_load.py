@@ -90,6 +90,9 @@ async def test_hashing_cap_answers_503_with_retry_after(
     assert len(busy) == refused
     assert all(r.headers["retry-after"] == "1" for r in busy)
     assert all("hashing slots are busy" in r.json()["message"] for r in busy)
+    assert api.metrics.registry.get_sample_value("phash_api_errors_total", {"status": "503"}) == (
+        len(busy)
+    )
 
 
 async def test_rate_limit_per_key(redis_proc: RedisProcess, tmp_path: Path) -> None:

@@ -58,5 +58,5 @@ def build_api_app(
     )
     app.state.auth = auth
     app.state.api = ctx
-    install_error_handlers(app)
+    install_error_handlers(app, metrics.registry)
     return app
