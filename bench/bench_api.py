@@ -42,6 +42,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and its descendants (the forkserver and the
+    hash workers) so far, from Linux /proc."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    pids, todo = [], [pid]
+    while todo:
+        one = todo.pop()
+        pids.append(one)
+        children = Path(f"/proc/{one}/task/{one}/children")
+        if children.exists():
+            todo += [int(p) for p in children.read_text().split()]
+    for one in pids:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 def load() -> str:
     return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -107,15 +128,21 @@ async def drive(
     return samples, time.perf_counter() - start, errors
 
 
-def report(name: str, samples: list[float], elapsed: float, errors: int, unit: str) -> None:
+def report(
+    name: str, samples: list[float], elapsed: float, errors: int, unit: str, cpu: float
+) -> None:
+    """One line: rate and latency as seen by the client, and the server's CPU per request
+    (less sensitive to other load on the machine than the wall-clock figures)."""
     p50, p99, worst = percentiles(samples)
+    per = cpu / max(1, len(samples)) * 1000
     print(
         f"{name}: {len(samples) / elapsed:,.0f} {unit}/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms,"
-        f" max {worst:.1f} ms, {errors} errors ({len(samples)} requests)"
+        f" max {worst:.1f} ms, {errors} errors ({len(samples)} requests);"
+        f" server CPU {per:.1f} ms per request (~{1000 / per:,.0f}/s per core)"
     )
 
 
-async def bench(url: str, hexes: list[str], args: argparse.Namespace) -> None:
+async def bench(url: str, hexes: list[str], args: argparse.Namespace, pid: int) -> None:
     rng = random.Random(7)
     queries: list[dict[str, object]] = []
     for i in range(args.requests):
@@ -127,6 +154,7 @@ async def bench(url: str, hexes: list[str], args: argparse.Namespace) -> None:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
         await drive(client, queries[:200], args.concurrency, "/api/v1/match")  # warm-up
+        cpu = cpu_seconds(pid)
         samples, elapsed, errors = await drive(client, queries, args.concurrency, "/api/v1/match")
         report(
             f"/api/v1/match (PDQ hash, {len(hexes):,} hashes, {args.concurrency} in flight)",
@@ -134,11 +162,21 @@ async def bench(url: str, hexes: list[str], args: argparse.Namespace) -> None:
             elapsed,
             errors,
             "requests",
+            cpu_seconds(pid) - cpu,
         )
         uploads = [{"files": {"image": ("p", images[i % len(images)])}} for i in range(300)]
+        cpu = cpu_seconds(pid)
         samples, elapsed, errors = await drive(client, uploads, 8, "/api/v1/match")
-        report("/api/v1/match (photo upload, 8 in flight)", samples, elapsed, errors, "requests")
+        report(
+            "/api/v1/match (photo upload, 8 in flight)",
+            samples,
+            elapsed,
+            errors,
+            "requests",
+            cpu_seconds(pid) - cpu,
+        )
         hashes = [{"files": {"photo": ("p", images[i % len(images)])}} for i in range(600)]
+        cpu = cpu_seconds(pid)
         samples, elapsed, errors = await drive(client, hashes, 8, "/h/hash")
         size = sum(len(b) for b in images) / len(images) / 1024
         report(
@@ -147,6 +185,7 @@ async def bench(url: str, hexes: list[str], args: argparse.Namespace) -> None:
             elapsed,
             errors,
             "images",
+            cpu_seconds(pid) - cpu,
         )
 
 
@@ -194,7 +233,7 @@ def main() -> None:
                     pass
                 time.sleep(0.2)
             print(f"server ready (index loaded) {time.perf_counter() - started:.1f}s after start")
-            trio.run(bench, url, hexes, args)
+            trio.run(bench, url, hexes, args, server.pid)
         finally:
             server.terminate()
             server.wait(timeout=30)
