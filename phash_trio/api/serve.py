@@ -39,7 +39,9 @@ __all__ = ["API_LIMITS", "DEFAULT_SERVE_ADDR", "ApiStartupError", "run_api", "se
 #: Where ``phash-trio serve`` listens when API_ADDR is empty.
 DEFAULT_SERVE_ADDR = "127.0.0.1:8000"
 #: Upload checks come from many clients at once: more connections than the status endpoint.
-API_LIMITS = ServerLimits(max_connections=256, backlog=512, max_connection_secs=120.0)
+#: A connection is still cut (mid-request too) after ``max_connection_secs``: keep-alive
+#: clients then see a dropped connection, so the lifetime is long here.
+API_LIMITS = ServerLimits(max_connections=256, backlog=512, max_connection_secs=300.0)
 
 
 class ApiStartupError(Exception):
