@@ -124,6 +124,7 @@ async def test_check_reports_hashes_matches_and_decision(
             "distance": 4,
             "hash": flip(hs.pdq.hex, 4),
             "bank": None,
+            "content_id": None,
         },
         {
             "source": "bank",

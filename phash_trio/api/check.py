@@ -155,6 +155,7 @@ async def _matches(ctx: ApiContext, signals: BlobSignals, did: str) -> list[dict
                     "distance": cand.distance,
                     "hash": cand.value,
                     "bank": cand.bank,
+                    "content_id": None,
                 }
             )
     hits = []
