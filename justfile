@@ -31,9 +31,10 @@ lint:
     {{venv}}/bin/ruff format --check phash_trio tests bench
     {{venv}}/bin/mypy phash_trio
 
-# Benchmarks: hashing, rule lookup, end-to-end pipeline. Prints figures.
+# Benchmarks: hashing, rule lookup, end-to-end pipeline, the HTTP API (at 1 M PDQ hashes). Prints figures.
 bench:
     {{py}} bench/bench_hash.py
     {{py}} bench/bench_match.py
     {{py}} bench/bench_pipeline.py
     {{py}} bench/bench_events.py
+    {{py}} bench/bench_api.py

@@ -1,5 +1,5 @@
-"""``phash-trio run | hash FILE… | rules check FILE | dead-letters list|retry|purge |
-log tail|show|export | webhooks list|redeliver|purge|verify``.
+"""``phash-trio run | serve | hash FILE… | rules check FILE | api-keys add|list |
+dead-letters list|retry|purge | log tail|show|export | webhooks list|redeliver|purge|verify``.
 
 Exit codes: 0 success; 1 some input failed (``hash``, ``rules check``); 2 bad configuration or
 rule file at start-up (one line on stderr, no traceback).
@@ -179,6 +179,56 @@ def _cmd_webhooks(args: argparse.Namespace) -> int:
     return trio.run(lambda: webhooks_command(settings, args.action, args.id or "", args.limit))
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from phash_trio.api.serve import ApiStartupError, serve_command
+    from phash_trio.config import Settings
+    from phash_trio.logs import configure_logging
+    from phash_trio.rules.index import RuleIndex
+
+    settings, rules = _load_or_exit()
+    assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        return trio.run(serve_command, settings, rules)
+    except (ApiStartupError, BaseExceptionGroup) as exc:
+        reason = _startup_reason(exc, ApiStartupError)
+        if reason is None:
+            raise
+        print(f"phash-trio: cannot start: {reason}", file=sys.stderr)
+        return 2
+
+
+def _cmd_api_keys(args: argparse.Namespace) -> int:
+    from phash_trio.api.auth import KeyFileError, add_key, load_keys
+    from phash_trio.config import ConfigError, load_settings
+
+    try:
+        path = Path(args.file) if args.file else load_settings().api_keys_file
+    except ConfigError as exc:
+        print(f"phash-trio: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "add":
+            if not args.name:
+                print("phash-trio: api-keys add needs a NAME", file=sys.stderr)
+                return 2
+            key = add_key(path, args.name, args.scope or ["check"])
+            print(key)
+            print(
+                f"key {args.name!r} added to {path} (only its hash is stored: keep it now)",
+                file=sys.stderr,
+            )
+            return 0
+        for item in load_keys(path):
+            print(f"{item.name}\t{','.join(sorted(item.scopes))}")
+        return 0
+    except KeyFileError as exc:
+        print(f"phash-trio: {exc}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="phash-trio", description="Perceptual-hash moderation for Bluesky."
@@ -202,6 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=int, default=None, help="default threshold (PHASH_HAMMING_THRESHOLD)"
     )
     check.set_defaults(func=_cmd_rules_check)
+
+    serve = sub.add_parser(
+        "serve", help="run the hash-and-match API alone (no firehose) at API_ADDR"
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    keys = sub.add_parser("api-keys", help="add or list API keys (API_KEYS_FILE)")
+    keys.add_argument("action", choices=["add", "list"])
+    keys.add_argument("name", nargs="?", metavar="NAME")
+    keys.add_argument(
+        "--scope",
+        action="append",
+        choices=["check", "curate", "read"],
+        help="a scope of the new key (repeat for several; default check)",
+    )
+    keys.add_argument("--file", help="the key file (default API_KEYS_FILE)")
+    keys.set_defaults(func=_cmd_api_keys)
 
     dead = sub.add_parser("dead-letters", help="inspect or reprocess failed jobs (jobs:dead)")
     dead.add_argument("action", choices=["list", "retry", "purge"])

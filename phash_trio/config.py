@@ -133,10 +133,19 @@ class Settings:
     sse_heartbeat_secs: float = 15.0
     #: Seconds a moderators' page sign-in lasts.
     session_ttl_secs: float = 8 * 3600.0
-    #: File of hashed API keys with scopes (see ``phash-trio api-keys``); empty: no keys.
-    api_keys_file: Path | None = None
-    #: ``keys`` (default) or ``none`` to serve the API without keys on purpose.
+    # The hash-and-match API (issue 13).
+    #: Where the API listens (with /metrics and /healthz); empty: no API in ``run``, and
+    #: ``serve`` listens on 127.0.0.1:8000.
+    api_addr: str = ""
+    #: ``keys`` (API keys from API_KEYS_FILE) or ``none`` (no authentication, on purpose).
     api_auth: str = "keys"
+    #: The file of hashed API keys; defaults to ``{state_dir}/api-keys``.
+    api_keys_file: Path = Path("state/api-keys")
+    #: Requests a second per API key on average (0: unlimited), and the burst allowed.
+    api_rate_per_sec: float = 20.0
+    api_rate_burst: int = 40
+    #: Requests hashing at once; one more is answered 503 with Retry-After.
+    api_hash_concurrency: int = 16
 
     @property
     def has_credentials(self) -> bool:
@@ -262,8 +271,12 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "SSE_MAX_CLIENTS": ("sse_max_clients", _parse_int, 1),
     "SSE_HEARTBEAT_SECS": ("sse_heartbeat_secs", _parse_float, 0.1),
     "SESSION_TTL_SECS": ("session_ttl_secs", _parse_float, 60),
-    "API_KEYS_FILE": ("api_keys_file", _parse_path, None),
+    "API_ADDR": ("api_addr", _parse_str, None),
     "API_AUTH": ("api_auth", _parse_str, None),
+    "API_KEYS_FILE": ("api_keys_file", _parse_path, None),
+    "API_RATE_PER_SEC": ("api_rate_per_sec", _parse_float, 0),
+    "API_RATE_BURST": ("api_rate_burst", _parse_int, 1),
+    "API_HASH_CONCURRENCY": ("api_hash_concurrency", _parse_int, 1),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_SPEC)
@@ -297,8 +310,6 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"PDQ_HAMMING_THRESHOLD: {settings.pdq_hamming_threshold} is above 256")
     if settings.pdq_quality_min > 100:
         raise ConfigError(f"PDQ_QUALITY_MIN: {settings.pdq_quality_min} is above 100")
-    if settings.api_auth not in ("keys", "none"):
-        raise ConfigError(f"API_AUTH: {settings.api_auth!r} is not 'keys' or 'none'")
     if settings.log_format not in ("text", "json"):
         raise ConfigError(f"LOG_FORMAT: {settings.log_format!r} is not 'text' or 'json'")
     if settings.log_level.upper() not in ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"):
@@ -308,6 +319,14 @@ def _check(settings: Settings) -> None:
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(
                 f"METRICS_ADDR: {settings.metrics_addr!r} is not HOST:PORT (empty disables it)"
+            )
+    if settings.api_auth not in ("keys", "none"):
+        raise ConfigError(f"API_AUTH: {settings.api_auth!r} is not 'keys' or 'none'")
+    if settings.api_addr:
+        host, sep, port = settings.api_addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(
+                f"API_ADDR: {settings.api_addr!r} is not HOST:PORT (empty disables it)"
             )
     if settings.labeler_did and not is_valid_did(settings.labeler_did):
         raise ConfigError(f"LABELER_DID: {settings.labeler_did!r} is not a did:plc or did:web")
@@ -361,6 +380,8 @@ def load_settings(
         values["state_dir"] = Path(env["STATE_DIRECTORY"].split(":")[0])
     if "cursor_file" not in values:
         values["cursor_file"] = values.get("state_dir", Path("state")) / "cursor"
+    if "api_keys_file" not in values:
+        values["api_keys_file"] = values.get("state_dir", Path("state")) / "api-keys"
     settings = Settings(**values)
     _check(settings)
     return settings

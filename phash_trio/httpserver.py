@@ -1,6 +1,7 @@
-"""A tiny HTTP/1.1 server on Trio streams.
+"""A tiny HTTP/1.1 server on Trio streams, for the in-process fakes (CDN/PDS, PLC, Ozone).
 
-Used by the in-process fakes (CDN/PDS, PLC, Ozone) and by the ``/metrics`` endpoint. It reads
+The service's own HTTP side is :mod:`phash_trio.api` (hypercorn); this one belongs with the
+fakes in ``testing/`` and can move there once its users are. It reads
 one request at a time per connection (keep-alive supported), hands a :class:`Request` to an async
 handler and writes the :class:`Response` it returns. It is deliberately small: no chunked request
 bodies, no pipelining, request bodies capped.
@@ -106,8 +107,11 @@ async def _read_request(stream: trio.abc.Stream, buffer: bytearray) -> Request |
         if not sep:
             raise _BadRequest("bad header line")
         headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0") or 0)
-    if length < 0 or length > MAX_BODY_BYTES:
+    raw_length = headers.get("content-length", "0") or "0"
+    if not raw_length.isdigit():  # "abc" used to raise ValueError out of the server
+        raise _BadRequest("bad content-length")
+    length = int(raw_length)
+    if length > MAX_BODY_BYTES:
         raise _BadRequest("bad content-length")
     while len(buffer) < length:
         chunk = await stream.receive_some(65536)

@@ -208,6 +208,23 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                             f"METRICS_ADDR {settings.metrics_addr}: cannot listen: {reason}"
                         ) from None
                     logger.info("status endpoint on {}/metrics and /healthz", server.url)
+                if settings.api_addr:  # the hash-and-match API (issue 13), same processor
+                    from phash_trio.api.serve import ApiStartupError, run_api
+
+                    try:
+                        await root.start(
+                            partial(
+                                run_api,
+                                settings,
+                                rules,
+                                metrics,
+                                service.health,
+                                processor,
+                                addr=settings.api_addr,
+                            )
+                        )
+                    except* ApiStartupError as group:
+                        raise StartupError(str(group.exceptions[0])) from None
                 root.start_soon(_stats_logger, service, tracker)
                 progress = ProgressCheck(
                     tracker,

@@ -163,3 +163,17 @@ async def test_key_file_is_reloaded_when_it_changes(
     os.utime(path, (1, 1))
     await trio.sleep(auth.reload_secs)
     assert auth.require(_request({"X-API-Key": newer}), "read").name == "newer"
+
+
+async def test_first_key_closes_an_open_loopback_api(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Loopback with no keys is open; once a key is added, requests need it (no restart)."""
+    path = tmp_path / "keys"
+    auth = Auth.from_file(path, loopback=True)
+    assert auth.require(_request({}), "check") is ANONYMOUS
+    key = add_key(path, "first", ["check"])
+    await trio.sleep(auth.reload_secs)
+    with pytest.raises(Unauthorized):
+        auth.require(_request({}), "check")
+    assert auth.require(_request({"X-API-Key": key}), "check").name == "first"

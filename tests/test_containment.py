@@ -22,6 +22,7 @@ from phash_trio.identity import PdsResolver
 from phash_trio.jobs import ImageJob
 from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor
+from phash_trio.store import run_health_monitor
 from phash_trio.testing.garbage_http import Garbage, GarbageServer
 from phash_trio.testing.jetstream_replay import fake_did
 from phash_trio.testing.redis_server import RedisProcess
@@ -238,3 +239,34 @@ async def test_unexpected_error_in_the_hash_stage_is_contained(
     crash_lines = [line for line in log_lines if "unexpected HashPoolClosed" in line]
     assert len(crash_lines) == 1 and "Traceback" in crash_lines[0]
     assert world.tracker.pending == 0
+
+
+async def test_redis_down_holds_a_job_only_until_its_deadline(
+    world: World, redis_proc: RedisProcess, log_lines: list[str]
+) -> None:
+    """With Redis stopped, a matching post waits for it in the claim (until_healthy) only
+    until JOB_DEADLINE_SECS: the dead letter cannot be stored either, so it is logged in full
+    and counted, and the cursor moves on; with Redis back the next post acts."""
+    job = world.post("coffee.jpg")
+    processor = _processor(world)
+    await trio.to_thread.run_sync(redis_proc.stop)
+    started = trio.current_time()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: run_health_monitor(
+                    world.store, interval=0.05, max_backoff=0.05, task_status=task_status
+                )
+            )
+            assert await _settle(world, processor, job) is False
+            elapsed = trio.current_time() - started
+            await trio.to_thread.run_sync(redis_proc.start)
+            await world.store.wait_healthy()
+            await _honest_post_still_acts(world, processor)
+            nursery.cancel_scope.cancel()
+    finally:
+        if redis_proc.process is None:
+            redis_proc.start()
+    assert DEADLINE - 0.5 < elapsed < DEADLINE + 1.5  # held to the deadline, not forever
+    assert world.metrics.total("dead_letters_lost") == 1
+    assert any("dead letter LOST" in line and job.rkey in line for line in log_lines)

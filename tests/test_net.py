@@ -205,3 +205,20 @@ async def test_pds_breakers_are_bounded_lru() -> None:
             fetcher.pds_breaker(f"host{n}.example.com")
             assert fetcher.pds_breaker("keep.example.com") is keep  # recently used: kept
         assert fetcher.pds_breaker_count == 3
+
+
+async def test_fake_http_server_answers_a_bad_content_length(
+    local: tuple[HttpServer, list[Request]],
+) -> None:
+    """The fakes' little server answers ``Content-Length: abc`` with 400 instead of raising
+    out of its nursery (it used to end the test's server)."""
+    server, seen = local
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(b"GET /x HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        with trio.fail_after(10):
+            answer = await stream.receive_some(4096)
+    assert answer.startswith(b"HTTP/1.1 400")
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{server.url}/x")).text == "reached"
+    assert len(seen) == 1

@@ -251,8 +251,8 @@ def _presented_key(request: Request) -> str | None:
 class Auth:
     """The keys, the mode and the rate buckets of one app.
 
-    ``open`` (API_AUTH=none, or no keys on loopback) lets every request in as
-    :data:`ANONYMOUS`. The key file is re-read when its modification time changes (looked at
+    ``open_access`` (API_AUTH=none) lets every request in as :data:`ANONYMOUS`; so does
+    ``open_when_empty`` (a loopback address) while the file holds no key. The key file is re-read when its modification time changes (looked at
     no more often than every ``reload_secs``), so ``api-keys add`` needs no restart; a file
     that turns bad keeps the keys already loaded (logged once per change).
     """
@@ -262,12 +262,14 @@ class Auth:
         keys: Iterable[ApiKey] = (),
         *,
         open_access: bool = False,
+        open_when_empty: bool = False,
         rate: RateLimit | None = None,
         path: Path | None = None,
         reload_secs: float = 2.0,
     ) -> None:
         self.keys: tuple[ApiKey, ...] = tuple(keys)
-        self.open_access = open_access
+        self._open_access = open_access
+        self.open_when_empty = open_when_empty
         self.rate = rate or RateLimit()
         self.path = path
         self.reload_secs = reload_secs
@@ -288,8 +290,12 @@ class Auth:
     ) -> Auth:
         """Keys from ``path``; open when ``mode`` is ``none``, or no keys on loopback."""
         keys = load_keys(path)
-        open_access = mode == "none" or (not keys and loopback)
-        return cls(keys, open_access=open_access, rate=rate, path=path)
+        return cls(keys, open_access=mode == "none", open_when_empty=loopback, rate=rate, path=path)
+
+    @property
+    def open_access(self) -> bool:
+        """True while requests need no key (API_AUTH=none, or no keys on loopback)."""
+        return self._open_access or (self.open_when_empty and not self.keys)
 
     def _stat(self) -> float | None:
         if self.path is None:
@@ -321,9 +327,9 @@ class Auth:
 
     def authenticate(self, request: Request) -> ApiKey:
         """The caller's key, or :class:`Unauthorized`."""
+        self._maybe_reload(trio.current_time())  # a first key closes an open loopback API
         if self.open_access:
             return ANONYMOUS
-        self._maybe_reload(trio.current_time())
         presented = _presented_key(request)
         if presented is None:
             self.refused["missing"] += 1

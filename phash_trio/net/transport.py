@@ -97,7 +97,7 @@ def guarded_transport(
     transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     # httpx builds its pool without a backend hook; rebuild it with ours (same settings).
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=ssl_context or ssl.create_default_context(),
+        ssl_context=ssl_context or httpx.create_ssl_context(),  # certifi, as httpx itself
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,
         keepalive_expiry=limits.keepalive_expiry,

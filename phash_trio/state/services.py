@@ -25,9 +25,9 @@ from phash_trio.api.auth import (
     Auth,
     ExposureError,
     KeyFileError,
+    RateLimit,
     check_exposure,
     is_loopback_host,
-    load_keys,
 )
 from phash_trio.api.errors import install_error_handlers
 from phash_trio.api.events import Broadcaster, event_routes
@@ -81,13 +81,18 @@ def decision_settings(settings: Settings) -> tuple[tuple[Subscription, ...], Aut
 
 
 def auth_from_settings(settings: Settings, addr: str) -> Auth:
-    """The key check for an app on ``addr``: KeyFileError for a bad key file, ExposureError
-    for a non-loopback address with no keys and API_AUTH not ``none``."""
+    """The key check for an app on ``addr`` (API_KEYS_FILE, API_AUTH, the per-key rate):
+    KeyFileError for a bad key file, ExposureError for a non-loopback address with no keys
+    and API_AUTH not ``none``."""
     host = parse_addr(addr)[0]
-    keys = load_keys(settings.api_keys_file) if settings.api_keys_file else []
-    check_exposure(host, settings.api_auth, keys)
-    open_access = settings.api_auth == "none" or (not keys and is_loopback_host(host))
-    return Auth(keys, open_access=open_access, path=settings.api_keys_file)
+    auth = Auth.from_file(
+        settings.api_keys_file,
+        mode=settings.api_auth,
+        rate=RateLimit(settings.api_rate_per_sec, settings.api_rate_burst),
+        loopback=is_loopback_host(host),
+    )
+    check_exposure(host, settings.api_auth, list(auth.keys))
+    return auth
 
 
 def instance_name() -> str:
