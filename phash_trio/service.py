@@ -192,8 +192,12 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                     run_checkpointer, checkpointer, settings.cursor_update_interval_ms / 1000
                 )
                 await root.start(decisions.run)
+                # Issue 14's routes (log, events, webhooks, page) go on the API app when there
+                # is one, else on the status endpoint's.
+                on_status = not settings.api_addr
                 if settings.metrics_addr:
-                    app = create_app(metrics, service.health, routes=decisions.routes())
+                    routes = decisions.routes() if on_status else ()
+                    app = create_app(metrics, service.health, routes=routes)
                     decisions.install(app, auth)
                     try:
                         # Event-stream clients hold a connection each: room for them too.
@@ -221,6 +225,8 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                                 service.health,
                                 processor,
                                 addr=settings.api_addr,
+                                extra_routes=decisions.routes(),
+                                on_app=decisions.install,
                             )
                         )
                     except* ApiStartupError as group:

@@ -14,7 +14,7 @@ from e2e_helpers import GUARD, delivered, finished, harness, jobs_of
 from phash_trio.state.decisions import DecisionLog
 from phash_trio.state.redisio import RedisThreads
 from phash_trio.testing.capture import DEMO_CAPTURE, load_jsonl
-from phash_trio.testing.redis_server import RedisProcess
+from phash_trio.testing.redis_server import RedisProcess, free_port
 from phash_trio.testing.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.e2e
@@ -78,3 +78,28 @@ async def test_sigkill_mid_delivery_then_restart_delivers_every_event_once_in_or
     assert len(rx.received) - len(rx.unique()) <= 1
     assert rx.bad_signatures == bridge.bad_signatures == 0
     assert {d.kind for d in logged} >= {"match", "action_sent"}
+
+
+async def test_with_api_addr_the_routes_move_to_the_api_app(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """With API_ADDR set, the log, events and page are served there (beside the HMA routes),
+    not on the status endpoint; the log holds the run's decisions."""
+    events = load_jsonl(DEMO_CAPTURE)
+    api_port = free_port()
+    async with harness(redis_proc.url, tmp_path, events) as h:
+        service = await h.start(API_ADDR=f"127.0.0.1:{api_port}")
+        await service.wait_for(
+            h.client, lambda m: m.get("phash_matches_found_total", 0) >= 1, within=GUARD
+        )
+        api = f"http://127.0.0.1:{api_port}"
+        with trio.fail_after(GUARD):
+            while (await h.client.get(f"{api}/api/v1/logs")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        logs = (await h.client.get(f"{api}/api/v1/logs", params={"limit": 500})).json()
+        page = await h.client.get(f"{api}/")
+        status_side = await h.client.get(f"http://127.0.0.1:{service.metrics_port}/api/v1/logs")
+        assert await h.stop(service) == 0, service.log_tail()
+    assert any(entry["kind"] == "match" for entry in logs["logs"])
+    assert page.status_code == 200 and "/page.js" in page.text
+    assert status_side.status_code == 404

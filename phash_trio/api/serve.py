@@ -12,11 +12,14 @@ pieces, no firehose; SIGTERM/SIGINT stop it.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import httpx
 import trio
 from loguru import logger
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
 
 from phash_trio.api.auth import Auth, ExposureError, KeyFileError, RateLimit, check_exposure
 from phash_trio.api.context import ApiContext
@@ -82,6 +85,8 @@ async def run_api(
     *,
     addr: str,
     banks: BankSync | None = None,
+    extra_routes: Iterable[BaseRoute] = (),
+    on_app: Callable[[Starlette, Auth], None] | None = None,
     task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the whole API app on ``addr`` until cancelled; ``started()`` gets the address."""
@@ -131,7 +136,9 @@ async def run_api(
                 blobs=processor.fetcher,
                 actions=processor.actions,
             )
-            app = build_api_app(metrics, health, ctx, auth)
+            app = build_api_app(metrics, health, ctx, auth, extra_routes=extra_routes)
+            if on_app is not None:  # issue 14's routes keep their state on the app
+                on_app(app, auth)
             try:
                 server: ApiServer = await nursery.start(serve_app, app, addr, API_LIMITS)
             except* OSError as group:

@@ -74,7 +74,10 @@ def decision_settings(settings: Settings) -> tuple[tuple[Subscription, ...], Aut
                     settings.webhooks_file, allow_private=settings.allow_private_networks
                 )
             )
-        auth = auth_from_settings(settings, settings.metrics_addr or "127.0.0.1:0")
+        # The routes live on API_ADDR's app when it is set (it checks its own exposure),
+        # else on METRICS_ADDR's.
+        addr = settings.api_addr or settings.metrics_addr or "127.0.0.1:0"
+        auth = auth_from_settings(settings, addr)
     except (SubscriptionError, KeyFileError, ExposureError) as exc:
         raise DecisionConfigError(str(exc)) from None
     return file_subs, auth
