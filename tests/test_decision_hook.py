@@ -6,7 +6,8 @@ from __future__ import annotations
 import attrs
 import trio
 from prometheus_client import CollectorRegistry
-from test_pipeline import World, world  # noqa: F401 - the fixture
+from test_pipeline import World
+from test_pipeline import world as world_fixture  # noqa: F401 - registers the fixture "world"
 
 from phash_trio.state.decisions import Decision, DecisionLog
 from phash_trio.state.recorder import DecisionMetrics, DecisionRecorder
