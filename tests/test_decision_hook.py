@@ -7,7 +7,7 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry
 from test_pipeline import World
-from test_pipeline import world as world_fixture  # noqa: F401 - registers the fixture "world"
+from test_pipeline import world as world_fixture  # noqa: F401 - the fixture, by this name
 
 from phash_trio.state.decisions import Decision, DecisionLog
 from phash_trio.state.recorder import DecisionMetrics, DecisionRecorder
@@ -34,9 +34,13 @@ async def _recorded(
     return entries
 
 
-async def test_match_actions_sent_then_claim_held(world: World, redis_proc: RedisProcess) -> None:
+async def test_match_actions_sent_then_claim_held(
+    world_fixture: World,  # noqa: F811 - the imported fixture
+    redis_proc: RedisProcess,
+) -> None:
     """A matching post logs its match and each action sent; the same post again logs the
     match and each action skipped because its claim is held."""
+    world = world_fixture
     job = world.post("spitfire.jpg")
     again = job  # the same post replayed (after a restart, say)
 
@@ -62,10 +66,12 @@ async def test_match_actions_sent_then_claim_held(world: World, redis_proc: Redi
 
 
 async def test_daily_cap_dry_run_bad_blob_and_dead_letter(
-    world: World, redis_proc: RedisProcess
+    world_fixture: World,  # noqa: F811 - the imported fixture
+    redis_proc: RedisProcess,
 ) -> None:
     """Over the daily cap and in dry run the actions are logged as skipped with the reason;
     an unknown blob is a bad blob; a post whose blobs keep failing is a dead letter."""
+    world = world_fixture
     capped = world.post("spitfire.jpg")
     dry = world.post("coffee.jpg")
     bad = world.post("coffee.jpg", host=False)
