@@ -213,7 +213,7 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                         ) from None
                     logger.info("status endpoint on {}/metrics and /healthz", server.url)
                 if settings.api_addr:  # the hash-and-match API (issue 13), same processor
-                    from phash_trio.api.serve import ApiStartupError, run_api
+                    from phash_trio.api.serve import API_LIMITS, ApiStartupError, run_api
 
                     try:
                         await root.start(
@@ -227,6 +227,12 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                                 addr=settings.api_addr,
                                 extra_routes=decisions.routes(),
                                 on_app=decisions.install,
+                                # Event-stream clients hold a connection each: room for them.
+                                server_limits=attrs.evolve(
+                                    API_LIMITS,
+                                    max_connections=API_LIMITS.max_connections
+                                    + settings.sse_max_clients,
+                                ),
                             )
                         )
                     except* ApiStartupError as group:

@@ -87,6 +87,7 @@ async def run_api(
     banks: BankSync | None = None,
     extra_routes: Iterable[BaseRoute] = (),
     on_app: Callable[[Starlette, Auth], None] | None = None,
+    server_limits: ServerLimits = API_LIMITS,
     task_status: trio.TaskStatus[ApiServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the whole API app on ``addr`` until cancelled; ``started()`` gets the address."""
@@ -140,7 +141,7 @@ async def run_api(
             if on_app is not None:  # issue 14's routes keep their state on the app
                 on_app(app, auth)
             try:
-                server: ApiServer = await nursery.start(serve_app, app, addr, API_LIMITS)
+                server: ApiServer = await nursery.start(serve_app, app, addr, server_limits)
             except* OSError as group:
                 leaf: BaseException = group
                 while isinstance(leaf, BaseExceptionGroup):
