@@ -35,16 +35,19 @@ lint:
     {{venv}}/bin/ruff format --check phash_trio tests bench e2e_ozone
     {{venv}}/bin/mypy phash_trio
 
-# Benchmarks: hashing, rule lookup, end-to-end pipeline, banks (PDQ/mean-hash index at 1 M). Prints figures.
+# Benchmarks: hashing, rule lookup, end-to-end pipeline, banks (PDQ/mean-hash index at 1 M), events, the HTTP API (at 1 M PDQ hashes). Prints figures.
 bench:
     {{py}} bench/bench_hash.py
     {{py}} bench/bench_match.py
     {{py}} bench/bench_pipeline.py
+    {{py}} bench/bench_banks.py
+    {{py}} bench/bench_events.py
+    {{py}} bench/bench_api.py
 
 # Fuzz mean_hash: mutated real JPEG/PNG/GIF/WebP in limited child processes; findings -> fuzz-findings/.
 fuzz cases="20000" seed="1" target="mean_hash":
     {{py}} -m phash_trio.testing.fuzz --cases {{cases}} --seed {{seed}} --target {{target}}
+
 # Cost of each hostile-input class (CPU, peak RSS) at the default limits.
 hostile:
     {{py}} -m phash_trio.testing.hostile
-    {{py}} bench/bench_banks.py

@@ -41,6 +41,7 @@ from phash_trio.ozone import (
     OzoneUnavailable,
 )
 from phash_trio.rules.index import Match
+from phash_trio.state.hook import DecisionHook, NoDecisions
 from phash_trio.store import CLAIM_PENDING_PREFIX, RedisStore, StoreError
 
 __all__ = ["Actions", "ActionsRejected", "RateSpacer", "claim_key", "planned_actions"]
@@ -142,6 +143,8 @@ class Actions:
     report_reason_type: str = REASON_OTHER
     #: Value of the claims this process is sending (unique per process).
     claim_marker: str = attrs.field(factory=lambda: CLAIM_PENDING_PREFIX + secrets.token_hex(8))
+    #: Told of every action sent or skipped (the decision log).
+    decisions: DecisionHook = attrs.field(factory=NoDecisions)
     #: Claim keys this process is sending right now.
     _in_flight: set[str] = attrs.field(factory=set, init=False)
 
@@ -205,21 +208,29 @@ class Actions:
                 match.distance,
                 json.dumps(body, sort_keys=True),
             )
+            self.decisions.action(kind.value, job, blob, match, skipped="dry_run")
             return
         key = claim_key(kind, job, rule.label)
         if key in self._in_flight:
             # Another worker of ours is sending this very action (e.g. the same account label
             # from two posts at once); if it fails, its own job retries.
             self.metrics.actions_skipped.labels(reason="already_done").inc()
+            self.decisions.action(kind.value, job, blob, match, skipped="claim_held")
             return
         self._in_flight.add(key)
         try:
-            await self._claim_and_send(kind, job, blob, match, key)
+            await self._claim_and_send(kind, job, blob, match, key, body)
         finally:
             self._in_flight.discard(key)
 
     async def _claim_and_send(
-        self, kind: ActionKind, job: ImageJob, blob: BlobRef, match: Match, key: str
+        self,
+        kind: ActionKind,
+        job: ImageJob,
+        blob: BlobRef,
+        match: Match,
+        key: str,
+        body: dict[str, Any],
     ) -> None:
         rule = match.rule
         claimed = await self.store.until_healthy(
@@ -229,6 +240,7 @@ class Actions:
         if claimed == 0:
             self.metrics.actions_skipped.labels(reason="already_done").inc()
             logger.debug("skip {} for {}: already done ({})", kind.value, job.uri, key)
+            self.decisions.action(kind.value, job, blob, match, skipped="claim_held")
             return
         if claimed == 2:
             logger.warning(
@@ -265,6 +277,7 @@ class Actions:
                     kind.value,
                     job.uri,
                 )
+                self.decisions.action(kind.value, job, blob, match, skipped="daily_cap")
                 return
             assert self.ozone is not None  # _one returns early in dry-run
             session = await self.ozone.ensure_session()
@@ -299,3 +312,4 @@ class Actions:
             if result.already_holds
             else "",
         )
+        self.decisions.action(kind.value, job, blob, match, skipped=None)

@@ -1,4 +1,5 @@
-"""``phash-trio run | hash FILE… | rules check FILE | dead-letters … | banks …``.
+"""``phash-trio run | serve | hash FILE… | rules check FILE | api-keys add|list | banks … |
+dead-letters list|retry|purge | log tail|show|export | webhooks list|redeliver|purge|verify``.
 
 Exit codes: 0 success; 1 some input failed (``hash``, ``rules check``); 2 bad configuration or
 rule file at start-up (one line on stderr, no traceback).
@@ -179,13 +180,114 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
 
     from phash_trio.config import Settings
     from phash_trio.deadletters import dead_letters_command
-    from phash_trio.logs import configure_logging, flush_logs
+    from phash_trio.logs import configure_logging
     from phash_trio.rules.index import RuleIndex
 
     settings, rules = _load_or_exit()
     assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
     configure_logging(settings.log_format, settings.log_level)
     return trio.run(dead_letters_command, settings, rules, args.action, args.limit)
+
+
+def _settings_or_exit() -> object:
+    from phash_trio.config import ConfigError, load_settings
+
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"phash-trio: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _cmd_log(args: argparse.Namespace) -> int:
+    import trio
+
+    from phash_trio.config import Settings
+    from phash_trio.state.logcli import log_command
+
+    settings = _settings_or_exit()
+    assert isinstance(settings, Settings)
+    return trio.run(
+        lambda: log_command(
+            settings,
+            args.action,
+            limit=args.limit,
+            target=args.target or "",
+            since=args.since or "",
+            follow=args.follow,
+        )
+    )
+
+
+def _cmd_webhooks(args: argparse.Namespace) -> int:
+    import trio
+
+    from phash_trio.config import Settings
+    from phash_trio.webhooks.cli import verify_command, webhooks_command
+
+    if args.action == "verify":
+        if args.body is None:
+            print("phash-trio: webhooks verify needs --body FILE", file=sys.stderr)
+            return 2
+        return verify_command(
+            Path(args.body), args.header, args.secret_env, args.scheme, args.tolerance
+        )
+    settings = _settings_or_exit()
+    assert isinstance(settings, Settings)
+    if args.action in ("redeliver", "purge") and not args.id:
+        print(f"phash-trio: webhooks {args.action} needs a subscription id", file=sys.stderr)
+        return 2
+    return trio.run(lambda: webhooks_command(settings, args.action, args.id or "", args.limit))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from phash_trio.api.serve import ApiStartupError, serve_command
+    from phash_trio.config import Settings
+    from phash_trio.logs import configure_logging
+    from phash_trio.rules.index import RuleIndex
+
+    settings, rules = _load_or_exit()
+    assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
+    configure_logging(settings.log_format, settings.log_level)
+    try:
+        return trio.run(serve_command, settings, rules)
+    except (ApiStartupError, BaseExceptionGroup) as exc:
+        reason = _startup_reason(exc, ApiStartupError)
+        if reason is None:
+            raise
+        print(f"phash-trio: cannot start: {reason}", file=sys.stderr)
+        return 2
+
+
+def _cmd_api_keys(args: argparse.Namespace) -> int:
+    from phash_trio.api.auth import KeyFileError, add_key, load_keys
+    from phash_trio.config import ConfigError, load_settings
+
+    try:
+        path = Path(args.file) if args.file else load_settings().api_keys_file
+    except ConfigError as exc:
+        print(f"phash-trio: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "add":
+            if not args.name:
+                print("phash-trio: api-keys add needs a NAME", file=sys.stderr)
+                return 2
+            key = add_key(path, args.name, args.scope or ["check"])
+            print(key)
+            print(
+                f"key {args.name!r} added to {path} (only its hash is stored: keep it now)",
+                file=sys.stderr,
+            )
+            return 0
+        for item in load_keys(path):
+            print(f"{item.name}\t{','.join(sorted(item.scopes))}")
+        return 0
+    except KeyFileError as exc:
+        print(f"phash-trio: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=_cmd_rules_check)
 
+    serve = sub.add_parser(
+        "serve", help="run the hash-and-match API alone (no firehose) at API_ADDR"
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+    keys = sub.add_parser("api-keys", help="add or list API keys (API_KEYS_FILE)")
+    keys.add_argument("action", choices=["add", "list"])
+    keys.add_argument("name", nargs="?", metavar="NAME")
+    keys.add_argument(
+        "--scope",
+        action="append",
+        choices=["check", "curate", "read"],
+        help="a scope of the new key (repeat for several; default check)",
+    )
+    keys.add_argument("--file", help="the key file (default API_KEYS_FILE)")
+    keys.set_defaults(func=_cmd_api_keys)
+
     dead = sub.add_parser("dead-letters", help="inspect or reprocess failed jobs (jobs:dead)")
     dead.add_argument("action", choices=["list", "retry", "purge"])
     dead.add_argument("--limit", type=int, default=100, help="at most this many (list, retry)")
@@ -236,6 +355,29 @@ def build_parser() -> argparse.ArgumentParser:
     from phash_trio.rules.bankcli import add_banks_parser
 
     add_banks_parser(sub)
+
+    log = sub.add_parser("log", help="read the decision log (JSON lines)")
+    log.add_argument("action", choices=["tail", "show", "export"])
+    log.add_argument("target", nargs="?", help="show: an entry id, a blob CID or a post URI")
+    log.add_argument("--limit", type=int, default=20, help="tail: this many last entries")
+    log.add_argument("--follow", "-f", action="store_true", help="tail: keep printing new ones")
+    log.add_argument("--since", help="export: ISO 8601 time, 2h, 7d or Unix ms (default: all)")
+    log.set_defaults(func=_cmd_log)
+
+    hooks = sub.add_parser("webhooks", help="webhook subscriptions and their dead letters")
+    hooks.add_argument("action", choices=["list", "redeliver", "purge", "verify"])
+    hooks.add_argument("id", nargs="?", help="redeliver, purge: the subscription id")
+    hooks.add_argument("--limit", type=int, default=100, help="redeliver: at most this many")
+    hooks.add_argument("--body", help="verify: file with the raw request body")
+    hooks.add_argument(
+        "--header", action="append", default=[], help="verify: 'Name: value' (repeat)"
+    )
+    hooks.add_argument(
+        "--secret-env", default="WEBHOOK_SECRET", help="verify: variable holding the secret"
+    )
+    hooks.add_argument("--scheme", choices=["phash", "hma"], default="phash")
+    hooks.add_argument("--tolerance", type=float, default=300, help="verify: seconds of skew")
+    hooks.set_defaults(func=_cmd_webhooks)
     return parser
 
 

@@ -20,6 +20,7 @@ from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.matcher import build_matcher
+from phash_trio.state.hook import DecisionHook, NoDecisions
 from phash_trio.store import RedisStore
 
 __all__ = ["open_processor"]
@@ -32,9 +33,11 @@ async def open_processor(
     metrics: Metrics,
     store: RedisStore,
     tracker: CursorTracker,
+    decisions: DecisionHook | None = None,
 ) -> AsyncIterator[JobProcessor]:
     """A :class:`JobProcessor` with a shared HTTP client and hash pool; breakers feed metrics."""
     dry_run = settings.effective_dry_run
+    decisions = decisions or NoDecisions()
 
     def breaker(name: str, failures: int, timeout: float) -> CircuitBreaker:
         return CircuitBreaker(
@@ -82,6 +85,7 @@ async def open_processor(
                 spacer=RateSpacer(settings.rate_limit_ms / 1000),
                 dry_run=dry_run,
                 report_reason_type=settings.ozone_report_reason_type,
+                decisions=decisions,
             )
             processor = JobProcessor(
                 fetcher=fetcher,
@@ -100,6 +104,7 @@ async def open_processor(
                 max_image_pixels=settings.max_image_pixels,
                 max_blob_bytes=settings.max_blob_bytes,
                 matcher=matcher,
+                decisions=decisions,
             )
             yield processor
     finally:

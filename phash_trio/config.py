@@ -117,6 +117,41 @@ class Settings:
     #: Entries kept in the banks' change log (each holds up to 500 changed hashes).
     banks_log_maxlen: int = 5000
 
+    # Decision log, webhooks, live events and the moderators' page (issue 14).
+    #: Seconds the decision log keeps entries (trimmed by time at every append).
+    decisions_retention_secs: float = 7 * 24 * 3600.0
+    #: Decisions buffered in memory while Redis is slow; beyond it they are dropped and counted.
+    decisions_buffer: int = 10_000
+    #: JSON file of webhook subscriptions (empty: only those made through the API).
+    webhooks_file: Path | None = None
+    #: Seconds a webhook event is retried (5xx, timeouts) before it becomes a dead letter.
+    webhook_retry_max_secs: float = 86400.0
+    #: Seconds one webhook POST may take.
+    webhook_timeout_secs: float = 10.0
+    #: Seconds an instance's claim on a subscription lasts without renewal (failover time).
+    webhook_lease_secs: float = 15.0
+    #: Events buffered per SSE client; a client that falls this far behind is disconnected.
+    sse_client_buffer: int = 1000
+    #: Most SSE clients at once per instance (more get 503); the HTTP connection cap grows by it.
+    sse_max_clients: int = 256
+    #: Seconds between SSE heartbeat comments.
+    sse_heartbeat_secs: float = 15.0
+    #: Seconds a moderators' page sign-in lasts.
+    session_ttl_secs: float = 8 * 3600.0
+    # The hash-and-match API (issue 13).
+    #: Where the API listens (with /metrics and /healthz); empty: no API in ``run``, and
+    #: ``serve`` listens on 127.0.0.1:8000.
+    api_addr: str = ""
+    #: ``keys`` (API keys from API_KEYS_FILE) or ``none`` (no authentication, on purpose).
+    api_auth: str = "keys"
+    #: The file of hashed API keys; defaults to ``{state_dir}/api-keys``.
+    api_keys_file: Path = Path("state/api-keys")
+    #: Requests a second per API key on average (0: unlimited), and the burst allowed.
+    api_rate_per_sec: float = 20.0
+    api_rate_burst: int = 40
+    #: Requests hashing at once; one more is answered 503 with Retry-After.
+    api_hash_concurrency: int = 16
+
     @property
     def has_credentials(self) -> bool:
         """True when every Ozone credential is present."""
@@ -233,6 +268,22 @@ _SPEC: dict[str, tuple[str, Callable[[str], Any], float | None]] = {
     "BANKS_POLL_SECS": ("banks_poll_secs", _parse_float, 0.05),
     "BANKS_RESYNC_JITTER_SECS": ("banks_resync_jitter_secs", _parse_float, 0),
     "BANKS_LOG_MAXLEN": ("banks_log_maxlen", _parse_int, 100),
+    "DECISIONS_RETENTION_SECS": ("decisions_retention_secs", _parse_float, 60),
+    "DECISIONS_BUFFER": ("decisions_buffer", _parse_int, 10),
+    "WEBHOOKS_FILE": ("webhooks_file", _parse_path, None),
+    "WEBHOOK_RETRY_MAX_SECS": ("webhook_retry_max_secs", _parse_float, 0),
+    "WEBHOOK_TIMEOUT_SECS": ("webhook_timeout_secs", _parse_float, 0.1),
+    "WEBHOOK_LEASE_SECS": ("webhook_lease_secs", _parse_float, 1),
+    "SSE_CLIENT_BUFFER": ("sse_client_buffer", _parse_int, 1),
+    "SSE_MAX_CLIENTS": ("sse_max_clients", _parse_int, 1),
+    "SSE_HEARTBEAT_SECS": ("sse_heartbeat_secs", _parse_float, 0.1),
+    "SESSION_TTL_SECS": ("session_ttl_secs", _parse_float, 60),
+    "API_ADDR": ("api_addr", _parse_str, None),
+    "API_AUTH": ("api_auth", _parse_str, None),
+    "API_KEYS_FILE": ("api_keys_file", _parse_path, None),
+    "API_RATE_PER_SEC": ("api_rate_per_sec", _parse_float, 0),
+    "API_RATE_BURST": ("api_rate_burst", _parse_int, 1),
+    "API_HASH_CONCURRENCY": ("api_hash_concurrency", _parse_int, 1),
 }
 
 VARIABLES: tuple[str, ...] = tuple(_SPEC)
@@ -281,6 +332,14 @@ def _check(settings: Settings) -> None:
             f"OZONE_REPORT_REASON_TYPE: {settings.ozone_report_reason_type!r} is not a reason"
             " token like tools.ozone.report.defs#reasonOther"
         )
+    if settings.api_auth not in ("keys", "none"):
+        raise ConfigError(f"API_AUTH: {settings.api_auth!r} is not 'keys' or 'none'")
+    if settings.api_addr:
+        host, sep, port = settings.api_addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(
+                f"API_ADDR: {settings.api_addr!r} is not HOST:PORT (empty disables it)"
+            )
     if settings.labeler_did and not is_valid_did(settings.labeler_did):
         raise ConfigError(f"LABELER_DID: {settings.labeler_did!r} is not a did:plc or did:web")
     creds = {
@@ -333,6 +392,8 @@ def load_settings(
         values["state_dir"] = Path(env["STATE_DIRECTORY"].split(":")[0])
     if "cursor_file" not in values:
         values["cursor_file"] = values.get("state_dir", Path("state")) / "cursor"
+    if "api_keys_file" not in values:
+        values["api_keys_file"] = values.get("state_dir", Path("state")) / "api-keys"
     settings = Settings(**values)
     _check(settings)
     return settings

@@ -40,6 +40,7 @@ from phash_trio.metrics import Metrics
 from phash_trio.ozone import OzoneAuthError, OzoneError, OzoneUnavailable
 from phash_trio.rules.index import Match, RuleIndex
 from phash_trio.rules.matcher import BlobMatcher
+from phash_trio.state.hook import DecisionHook, NoDecisions
 from phash_trio.store import RedisStore, StoreError, backoff_delays
 
 __all__ = ["JobProcessor", "job_from_json", "job_to_json", "run_worker"]
@@ -102,6 +103,8 @@ class JobProcessor:
     max_blob_bytes: int = 2_000_000
     #: Rules + PDQ + banks (issue 12); None: the rules' mean hashes only.
     matcher: BlobMatcher | None = None
+    #: Told of every match, bad blob and dead letter (the decision log).
+    decisions: DecisionHook = attrs.field(factory=NoDecisions)
 
     def __attrs_post_init__(self) -> None:
         if self.matcher is None:
@@ -128,6 +131,7 @@ class JobProcessor:
         except BlobError as exc:
             self.metrics.blob_errors.labels(kind=_error_kind(exc)).inc()
             logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
+            self.decisions.bad_blob(job, blob, _error_kind(exc), str(exc))
             return None
         stage.name = "hash"
         try:
@@ -148,6 +152,7 @@ class JobProcessor:
         except ImageError as exc:  # HashWorkerDied too: a blob that kills workers is bad
             self.metrics.blob_errors.labels(kind=_error_kind(exc)).inc()
             logger.warning("skip blob {} of {}: {}", blob.cid, job.uri, exc)
+            self.decisions.bad_blob(job, blob, _error_kind(exc), str(exc))
             return None
         self.metrics.blobs_processed.inc()
         if self.cache_enabled:
@@ -179,6 +184,7 @@ class JobProcessor:
                     match.distance,
                     f", bank {match.bank} content {match.content_id}" if match.bank else "",
                 )
+                self.decisions.match(job, blob, match)
                 stage.name = "act"
                 try:
                     await self.actions.apply(job, blob, match)
@@ -241,6 +247,7 @@ class JobProcessor:
                 await self._dead_letter(job, error, attempts)
             if writing.cancelled_caught:
                 self._dead_letter_lost(job, error, attempts, "no Redis write succeeded in time")
+            self.decisions.dead_letter(job, error, attempts)
         else:
             self.metrics.jobs_processed.inc()
         if job.read_at is not None:

@@ -30,6 +30,7 @@ import trio
 from loguru import logger
 
 from phash_trio.api import create_app, serve_app
+from phash_trio.api.server import ServerLimits
 from phash_trio.components import open_processor
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import Checkpointer, CursorFile, CursorTracker, run_checkpointer
@@ -41,6 +42,11 @@ from phash_trio.ozone_check import check_at_start
 from phash_trio.pipeline import run_worker
 from phash_trio.rules.index import RuleIndex
 from phash_trio.runtime.progress import ProgressCheck
+from phash_trio.state.services import (
+    DecisionConfigError,
+    decision_settings,
+    open_decision_services,
+)
 from phash_trio.store import RedisStore, run_health_monitor
 
 __all__ = ["Service", "StartupError", "run_service"]
@@ -140,7 +146,14 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
     for warning in rules.ruleset.warnings:
         logger.warning("rule file {}: {}", settings.rules_file, warning)
 
-    async with open_processor(settings, rules, metrics, store, tracker) as processor:
+    try:  # issue 14: the webhooks file and the API keys, checked before anything starts
+        file_subs, auth = decision_settings(settings)
+    except DecisionConfigError as exc:
+        raise StartupError(str(exc)) from None
+    async with (
+        open_decision_services(settings, metrics.registry, file_subs) as decisions,
+        open_processor(settings, rules, metrics, store, tracker, decisions.recorder) as processor,
+    ):
         if processor.actions.ozone is not None:
             problem = await check_at_start(
                 processor.actions.ozone, rules.ruleset.rules, settings.ozone_report_reason_type
@@ -188,11 +201,18 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                 root.start_soon(
                     run_checkpointer, checkpointer, settings.cursor_update_interval_ms / 1000
                 )
+                await root.start(decisions.run)
+                # Issue 14's routes (log, events, webhooks, page) go on the API app when there
+                # is one, else on the status endpoint's.
+                on_status = not settings.api_addr
                 if settings.metrics_addr:
+                    routes = decisions.routes() if on_status else ()
+                    app = create_app(metrics, service.health, routes=routes)
+                    decisions.install(app, auth)
                     try:
-                        server = await root.start(
-                            serve_app, create_app(metrics, service.health), settings.metrics_addr
-                        )
+                        # Event-stream clients hold a connection each: room for them too.
+                        limits = ServerLimits(max_connections=64 + settings.sse_max_clients)
+                        server = await root.start(serve_app, app, settings.metrics_addr, limits)
                     except* OSError as group:
                         leaf: BaseException = group
                         while isinstance(leaf, BaseExceptionGroup):
@@ -202,6 +222,31 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                             f"METRICS_ADDR {settings.metrics_addr}: cannot listen: {reason}"
                         ) from None
                     logger.info("status endpoint on {}/metrics and /healthz", server.url)
+                if settings.api_addr:  # the hash-and-match API (issue 13), same processor
+                    from phash_trio.api.serve import API_LIMITS, ApiStartupError, run_api
+
+                    try:
+                        await root.start(
+                            partial(
+                                run_api,
+                                settings,
+                                rules,
+                                metrics,
+                                service.health,
+                                processor,
+                                addr=settings.api_addr,
+                                extra_routes=decisions.routes(),
+                                on_app=decisions.install,
+                                # Event-stream clients hold a connection each: room for them.
+                                server_limits=attrs.evolve(
+                                    API_LIMITS,
+                                    max_connections=API_LIMITS.max_connections
+                                    + settings.sse_max_clients,
+                                ),
+                            )
+                        )
+                    except* ApiStartupError as group:
+                        raise StartupError(str(group.exceptions[0])) from None
                 root.start_soon(_stats_logger, service, tracker)
                 progress = ProgressCheck(
                     tracker,

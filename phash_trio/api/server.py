@@ -18,12 +18,15 @@ turns it into one line and exit code 2).
 from __future__ import annotations
 
 import logging
+import math
 import socket
+from typing import Any
 
 import attrs
 import trio
 from hypercorn.config import Config
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.events import Closed, RawData
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 from loguru import logger
@@ -60,6 +63,60 @@ class ServerLimits:
     #: Largest request head (request line and headers).
     max_header_bytes: int = 16 * 1024
     backlog: int = 64
+    #: Longest life of a connection carrying an event stream (``text/event-stream``): the
+    #: client is silent by design there, so ``read_timeout`` does not apply once the stream
+    #: has started; the client reconnects with ``Last-Event-ID`` when this ends it.
+    max_stream_secs: float = 3600.0
+
+
+class _StreamState:
+    """Whether the connection is serving an event stream right now."""
+
+    streaming = False
+
+
+def _flag_streams(app: ASGIApp, state: _StreamState) -> ASGIApp:
+    """Wrap ``app`` to set ``state.streaming`` while a ``text/event-stream`` response runs."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        async def flagging_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                state.streaming = any(
+                    name.lower() == b"content-type" and value.startswith(b"text/event-stream")
+                    for name, value in message.get("headers", ())
+                )
+            await send(message)
+
+        try:
+            await app(scope, receive, flagging_send)
+        finally:
+            state.streaming = False
+
+    return wrapped
+
+
+class _StreamAwareServer(TCPServer):
+    """hypercorn's connection, minus the read timeout while an event stream is being sent."""
+
+    def __init__(self, *args: Any, stream_state: _StreamState, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stream_state = stream_state
+
+    async def _read_data(self) -> None:
+        while True:
+            try:
+                with trio.move_on_after(self.config.read_timeout or math.inf) as silent:
+                    data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            if silent.cancelled_caught:
+                if self.stream_state.streaming:
+                    continue
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
 
 
 @attrs.frozen
@@ -114,14 +171,31 @@ async def serve_app(
     sock = _listen(host, port, limits.backlog)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     config = _config(limits)
-    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
     context = WorkerContext(None)
     slots = trio.Semaphore(limits.max_connections)
 
     async def connection(stream: trio.SocketStream) -> None:
+        state = _StreamState()
+        app_here = wrap_app(_flag_streams(app, state), config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
         try:
-            with trio.move_on_after(limits.max_connection_secs):
-                await TCPServer(wrapped, config, context, {}, stream)  # type: ignore[arg-type]
+            with trio.move_on_after(limits.max_connection_secs) as life:
+                async with trio.open_nursery() as nursery:
+
+                    async def extend_for_streams() -> None:
+                        # An event stream may outlive max_connection_secs (up to max_stream_secs).
+                        while True:
+                            await trio.sleep(min(1.0, limits.max_connection_secs / 2))
+                            if state.streaming:
+                                life.deadline = max(
+                                    life.deadline, trio.current_time() + limits.max_stream_secs
+                                )
+                                return
+
+                    nursery.start_soon(extend_for_streams)
+                    await _StreamAwareServer(
+                        app_here, config, context, {}, stream, stream_state=state
+                    )
+                    nursery.cancel_scope.cancel()
         except Exception:  # hypercorn contains app errors; this is a last line of defence
             logger.exception("HTTP connection handler failed")
         finally:

@@ -24,6 +24,8 @@ from phash_trio.testing.jetstream_replay import RAW, fake_cid
 __all__ = ["BlobHost", "PlcDirectory", "cid_for", "did_document", "run_blobhost", "run_plc"]
 
 CDN_PREFIX = "/img/feed_fullsize/plain/"
+#: The CDN's thumbnail path (the moderators' page shows these); same bytes here.
+CDN_THUMB_PREFIX = "/img/feed_thumbnail/plain/"
 GET_BLOB = "/xrpc/com.atproto.sync.getBlob"
 #: Piece size for ``slow_body`` and ``chunked`` answers.
 PIECE_BYTES = 16 * 1024
@@ -109,6 +111,8 @@ class BlobHost:
         if path.startswith(CDN_PREFIX):
             self.cdn_requests += 1
             return await self._cdn(path.removeprefix(CDN_PREFIX))
+        if path.startswith(CDN_THUMB_PREFIX):
+            return await self._cdn(path.removeprefix(CDN_THUMB_PREFIX))
         if path == GET_BLOB:
             self.pds_requests += 1
             return await self._pds(query)

@@ -1,0 +1,1 @@
+"""Signed webhook deliveries of the decision log: subscriptions, signing, delivery."""
