@@ -235,6 +235,8 @@ async def run_service(settings: Settings, rules: RuleIndex) -> int:
                                 service.health,
                                 processor,
                                 addr=settings.api_addr,
+                                # One bank index per process: the firehose's, when it has one.
+                                banks=processor.matcher.banks if processor.matcher else None,
                                 extra_routes=decisions.routes(),
                                 on_app=decisions.install,
                                 # Event-stream clients hold a connection each: room for them.
