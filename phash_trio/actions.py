@@ -219,18 +219,12 @@ class Actions:
             return
         self._in_flight.add(key)
         try:
-            await self._claim_and_send(kind, job, blob, match, key, body)
+            await self._claim_and_send(kind, job, blob, match, key)
         finally:
             self._in_flight.discard(key)
 
     async def _claim_and_send(
-        self,
-        kind: ActionKind,
-        job: ImageJob,
-        blob: BlobRef,
-        match: Match,
-        key: str,
-        body: dict[str, Any],
+        self, kind: ActionKind, job: ImageJob, blob: BlobRef, match: Match, key: str
     ) -> None:
         rule = match.rule
         claimed = await self.store.until_healthy(
