@@ -218,7 +218,7 @@ async def test_act_files_the_firehose_events_once(
     assert len(fake.events) == 1
     event = fake.events[0]
     assert event["subject"]["uri"] == URI and event["subject"]["cid"] == POST_CID
-    assert event["externalId"] == externalid(ActionKind.LABEL_POST, URI, "pdq-rule")
+    assert event["externalId"] == externalid(ActionKind.LABEL_POST, URI, "pdq-rule", 0)
     assert event["subjectBlobCids"] == [blob_cid(hopper)]
     assert metrics.snapshot()["actions_skipped[reason=already_done]"] == 2
     assert json.dumps(event).count("pdq-rule") >= 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import time
 from typing import Any
 
 from loguru import logger
@@ -207,8 +208,14 @@ async def _act(
         raise BadInput("did and uri name different accounts")
     if ctx.actions is None:
         raise ApiError("acting is not configured on this server", status=501)
+    # An upload check happens now, seconds before the post reaches the firehose: the wall
+    # clock stands in for its Jetstream time_us (account externalIds hold its 7-day period).
     job = ImageJob(
-        did=parsed["did"], rkey=parsed["rkey"], cid=post_cid, time_us=0, blobs=(BlobRef(cid),)
+        did=parsed["did"],
+        rkey=parsed["rkey"],
+        cid=post_cid,
+        time_us=time.time_ns() // 1000,
+        blobs=(BlobRef(cid),),
     )
     try:
         await ctx.actions.apply(job, job.blobs[0], match)

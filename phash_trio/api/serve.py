@@ -107,7 +107,12 @@ async def run_api(
                     store,
                     poll_secs=settings.banks_poll_secs,
                     jitter_secs=settings.banks_resync_jitter_secs,
-                    metrics=BankMetrics.register(metrics.registry),
+                    # The firehose's matcher registered the bank metrics already under `run`.
+                    metrics=(
+                        processor.matcher.metrics
+                        if processor.matcher is not None and processor.matcher.metrics is not None
+                        else BankMetrics.register(metrics.registry)
+                    ),
                 )
                 # Not awaited: /status and /health say 503 until the index is loaded.
                 nursery.start_soon(banks.run)
