@@ -118,7 +118,9 @@ async def test_sigkilled_workers_are_replaced_and_jobs_rerun(
         for pid in before:
             os.kill(pid, signal.SIGKILL)
     assert results == [expected] * 16
-    assert worker_deaths(metrics) == 2  # each busy worker's death is counted once
+    # Each death under a job is counted once; with the compiled core a photo takes a few ms, so
+    # a worker may be between two jobs when it is killed (replaced, no job died with it).
+    assert worker_deaths(metrics) <= 2  # exact counting: test_job_that_kills_its_worker_twice
     after = pool.worker_pids()
     assert len(after) == 2 and not set(after) & set(before)
     assert await pool.hash(data, **LIMITS) == expected
