@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from starlette.applications import Starlette
@@ -48,17 +49,17 @@ class BodyLimit:
         head = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
         head += sum(len(name) + len(value) + 4 for name, value in headers)
         if head > self.max_header_bytes:
-            await _refuse(send, 431, f"request head over {self.max_header_bytes} bytes\n")
+            await _refuse(scope, send, 431, f"request head over {self.max_header_bytes} bytes")
             return
         for name, value in headers:
             if name != b"content-length":
                 continue
             # h11 refuses a malformed Content-Length itself; HTTP/2 (h2c) may pass it on.
             if not value.isdigit():
-                await _refuse(send, 400, "bad content-length\n")
+                await _refuse(scope, send, 400, "bad content-length")
                 return
             if int(value) > self.max_bytes:
-                await _refuse(send, 413, f"request body over {self.max_bytes} bytes\n")
+                await _refuse(scope, send, 413, f"request body over {self.max_bytes} bytes")
                 return
         seen = 0
         started = False
@@ -81,17 +82,21 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await _refuse(send, 413, f"request body over {self.max_bytes} bytes\n")
+                await _refuse(scope, send, 413, f"request body over {self.max_bytes} bytes")
 
 
-async def _refuse(send: Send, status: int, text: str) -> None:
-    body = text.encode()
+async def _refuse(scope: Scope, send: Send, status: int, text: str) -> None:
+    """A JSON error in the shape the path's clients read: the bridge's under ``/api/``,
+    HMA's ``{"message"}`` elsewhere."""
+    path = str(scope.get("path", ""))
+    shape = {"success": False, "error": text} if path.startswith("/api/") else {"message": text}
+    body = json.dumps(shape).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
             ],
