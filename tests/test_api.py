@@ -314,3 +314,23 @@ async def test_http2_garbage_is_contained(nursery: trio.Nursery, data: bytes) ->
     server = await start(nursery, Metrics(), Health(), FAST)
     await exchange(server, data, half_close=True)
     await still_serving(server)
+
+
+@pytest.mark.parametrize(
+    ("path", "shape"),
+    [
+        ("/healthz", {"message": "request body over 10 bytes"}),
+        ("/api/v1/match", {"success": False, "error": "request body over 10 bytes"}),
+    ],
+)
+async def test_refusals_are_json_in_the_paths_client_shape(
+    path: str, shape: dict[str, object]
+) -> None:
+    """413 from the body limit is HMA's {"message"} or, under /api/, the bridge's error shape."""
+    app = create_app(Metrics(), Health(), max_body_bytes=10)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+        answer = await client.post(path, content=b"x" * 11)
+    assert answer.status_code == 413
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.json() == shape
