@@ -10,8 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from phash_trio.config import Settings
+    from phash_trio.rules.index import RuleIndex
 
 __all__ = ["main"]
 
@@ -140,20 +145,30 @@ def _load_or_exit() -> tuple[object, object]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from phash_trio.service import StartupError, run_service
+
+    return _serve_until_stopped(run_service, StartupError)
+
+
+def _serve_until_stopped(
+    main: Callable[[Settings, RuleIndex], Awaitable[int]], startup_error: type[Exception]
+) -> int:
+    """Load settings and rules (exit 2 on a bad one), run ``main(settings, rules)`` under Trio;
+    a ``startup_error`` (alone or in a nursery group) is one line and exit 2."""
     import trio
 
     from phash_trio.config import Settings
     from phash_trio.logs import configure_logging, flush_logs
     from phash_trio.rules.index import RuleIndex
-    from phash_trio.service import StartupError, run_service
 
     settings, rules = _load_or_exit()
     assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
     configure_logging(settings.log_format, settings.log_level)
     try:
-        return trio.run(run_service, settings, rules)
-    except (StartupError, BaseExceptionGroup) as exc:
-        reason = _startup_reason(exc, StartupError)
+        result: int = trio.run(main, settings, rules)
+        return result
+    except (startup_error, BaseExceptionGroup) as exc:
+        reason = _startup_reason(exc, startup_error)
         if reason is None:
             raise
         flush_logs()  # the log writer thread first, so the reason is the last line
@@ -241,24 +256,9 @@ def _cmd_webhooks(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    import trio
-
     from phash_trio.api.serve import ApiStartupError, serve_command
-    from phash_trio.config import Settings
-    from phash_trio.logs import configure_logging
-    from phash_trio.rules.index import RuleIndex
 
-    settings, rules = _load_or_exit()
-    assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
-    configure_logging(settings.log_format, settings.log_level)
-    try:
-        return trio.run(serve_command, settings, rules)
-    except (ApiStartupError, BaseExceptionGroup) as exc:
-        reason = _startup_reason(exc, ApiStartupError)
-        if reason is None:
-            raise
-        print(f"phash-trio: cannot start: {reason}", file=sys.stderr)
-        return 2
+    return _serve_until_stopped(serve_command, ApiStartupError)
 
 
 def _cmd_api_keys(args: argparse.Namespace) -> int:
