@@ -12,7 +12,8 @@ setup(
     ext_modules=[
         Extension(
             "phash_trio.image.hashcore",
-            sources=["phash_trio/image/hashcore.c"],
+            sources=["phash_trio/image/hashcore.c", "phash_trio/image/pdqcore.c"],
+            depends=["phash_trio/image/pdqcore.h"],
             libraries=["jpeg", "m"],
             extra_compile_args=[
                 "-O3",
@@ -27,6 +28,7 @@ setup(
                 "-Wno-unused-parameter",
                 "-Wno-missing-field-initializers",
                 "-Wno-clobbered",
+                "-Wno-psabi",
             ],
         )
     ]

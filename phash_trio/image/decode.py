@@ -33,15 +33,17 @@ typed errors below, with a one-line message::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from phash_trio.image import hashcore
 from phash_trio.image.bmprle import use_fast_rle
 from phash_trio.image.errors import (
     CorruptImage,
@@ -80,6 +82,7 @@ __all__ = [
     "ImageTooLarge",
     "UnsupportedImage",
     "decode_gray",
+    "decode_gray_pdq",
     "decode_pixels",
     "decode_rgb",
     "header_size",
@@ -238,10 +241,8 @@ def decode_pixels(data: bytes, *, max_pixels: int) -> PixelArray:
     return source if isinstance(source, np.ndarray) else source.whole()
 
 
-def _decode(
-    data: bytes, max_pixels: int, *, jpeg_want: Literal["gray", "rgb"] = "rgb"
-) -> PixelArray | Banded:
-    """``jpeg_want="gray"`` lets the compiled JPEG path go straight to luma (same values)."""
+def _checked_size(data: bytes, max_pixels: int) -> tuple[ImageFormat, int, int, int]:
+    """The format, the pixel limit, the width and the height, checked against every limit."""
     fmt = sniff_format(data)
     width, height = header_size(fmt, data)
     if width <= 0 or height <= 0:
@@ -257,6 +258,14 @@ def _decode(
             f"{fmt.value}: {width}x{height} at {sample_bytes // (width * height)} bytes a pixel"
             f" is {sample_bytes >> 20} MiB of samples, limit {SAMPLE_BUDGET >> 20} MiB"
         )
+    return fmt, limit, width, height
+
+
+def _decode(
+    data: bytes, max_pixels: int, *, jpeg_want: Literal["gray", "rgb"] = "rgb"
+) -> PixelArray | Banded:
+    """``jpeg_want="gray"`` lets the compiled JPEG path go straight to luma (same values)."""
+    fmt, limit, width, height = _checked_size(data, max_pixels)
     try:
         if fmt is ImageFormat.PNG:
             pixels = decode_png(data)
@@ -341,17 +350,60 @@ def _decode_jpeg(data: bytes, limit: int, want: Literal["gray", "rgb"]) -> Pixel
     """
     from phash_trio.image.jpeg import decoder as jpegdecode
 
-    too_large = getattr(jpegdecode, "JpegTooLargeError", ())
-    unsupported = getattr(jpegdecode, "JpegUnsupportedError", ())
-    try:
+    with _jpeg_errors():
         pixels = jpegdecode.decode_jpeg(data, max_pixels=limit, want=want)
-    except too_large as exc:
-        raise ImageTooLarge(f"jpeg: {one_line(exc)}") from None
-    except unsupported as exc:
-        raise UnsupportedImage(f"jpeg: {one_line(exc)}") from None
-    except jpegdecode.JpegDecodeError as exc:
-        raise CorruptImage(f"jpeg: {one_line(exc)}") from None
     arr = np.asarray(pixels, dtype=np.uint8)
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3):
         return arr
     raise CorruptImage(f"jpeg: decoder returned pixels of shape {arr.shape}")
+
+
+@contextlib.contextmanager
+def _jpeg_errors() -> Iterator[None]:
+    """The JPEG decoder's errors as our typed ImageErrors, one line each."""
+    from phash_trio.image.jpeg import decoder as jpegdecode
+
+    try:
+        yield
+    except jpegdecode.JpegTooLargeError as exc:
+        raise ImageTooLarge(f"jpeg: {one_line(exc)}") from None
+    except jpegdecode.JpegUnsupportedError as exc:
+        raise UnsupportedImage(f"jpeg: {one_line(exc)}") from None
+    except jpegdecode.JpegDecodeError as exc:
+        raise CorruptImage(f"jpeg: {one_line(exc)}") from None
+
+
+# --------------------------------------------------------------------------- gray + PDQ
+
+
+def decode_gray_pdq(data: bytes, *, max_pixels: int) -> tuple[U8Array, bytes, int]:
+    """The gray image of :func:`decode_gray` and the PDQ of :func:`decode_rgb`'s pixels (32
+    bytes, quality 0-100), from one decode.
+
+    A JPEG goes through the compiled core in one pass (gray rows and PDQ's float luma from the
+    same colour conversion, no RGB image held); other formats are decoded, converted to gray
+    and RGB8, and hashed by the core's PDQ. Same errors and limits as :func:`decode_gray`.
+    """
+    fmt, limit, width, height = _checked_size(data, max_pixels)
+    stream = hashcore.pdq_stream_bytes(width, height)
+    if stream > hashcore.PDQ_MAX_STREAM_BYTES:
+        raise ImageTooLarge(
+            f"{fmt.value}: {width}x{height} is too wide for PDQ: its row buffers would need"
+            f" {stream >> 20} MiB, limit {hashcore.PDQ_MAX_STREAM_BYTES >> 20} MiB"
+        )
+    if fmt is ImageFormat.JPEG:
+        from phash_trio.image.jpeg import decoder as jpegdecode
+
+        try:
+            with _jpeg_errors():
+                return jpegdecode.decode_jpeg_pdq(data, max_pixels=limit)
+        except MemoryError:
+            raise ImageTooLarge(f"jpeg: out of memory decoding {width}x{height}") from None
+    pixels = decode_pixels(data, max_pixels=max_pixels)
+    gray = _converted(to_luma8, pixels)
+    rgb = np.ascontiguousarray(_converted(to_rgb8, pixels))
+    try:
+        pdq, quality = hashcore.pdq_rgb(rgb, rgb.shape[1], rgb.shape[0])
+    except MemoryError:
+        raise ImageTooLarge("out of memory hashing the decoded pixels with PDQ") from None
+    return gray, pdq, quality

@@ -28,6 +28,8 @@
 #include <jpeglib.h>
 #include <jerror.h>
 
+#include "pdqcore.h"
+
 #if defined(__FAST_MATH__)
 #error "hashcore must not be built with -ffast-math: results must be bit-exact"
 #endif
@@ -1825,6 +1827,27 @@ static void ycbcr_to_gray(const uint8_t *l0, const uint8_t *l1, const uint8_t *l
     }
 }
 
+/* ycbcr_to_gray, plus PDQ's float luma of the same RGB pixels (pdq_luma in pdqcore.h). */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__GLIBC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+static void ycbcr_to_gray_pdq(const uint8_t *l0, const uint8_t *l1, const uint8_t *l2,
+                              size_t width, uint8_t *dst, float *luma) {
+    const float s = luma_scale, kr = luma_kr, kg = luma_kg, kb = luma_kb;
+    for (size_t x = 0; x < width; x++) {
+        int32_t y = l0[x], cb = (int32_t)l1[x] - 128, cr = (int32_t)l2[x] - 128;
+        int32_t r = clamp255(y + ((8191 + cr * 22970) >> 14));
+        int32_t g = clamp255(y + ((8191 + cb * -5638 + cr * -11700) >> 14));
+        int32_t b = clamp255(y + ((8191 + cb * 29032) >> 14));
+        float total = (((float)r * s) * kr + ((float)g * s) * kg) + ((float)b * s) * kb;
+        total = total * 255.0f;
+        total = total + 0.5f;
+        int32_t value = (int32_t)total;
+        dst[x] = (uint8_t)(value > 255 ? 255 : value);
+        luma[x] = pdq_luma(r, g, b);
+    }
+}
+
 /* One output row from upsampled component lines, one tight loop per model and output. */
 static void convert_row(int model, int want, const uint8_t *const *l, size_t width, uint8_t *dst) {
     const uint8_t *l0 = l[0], *l1 = l[1], *l2 = l[2], *l3 = l[3];
@@ -1877,21 +1900,32 @@ static void convert_row(int model, int want, const uint8_t *const *l, size_t wid
     }
 }
 
-/* Assemble rows [0, height) into out (gray: width bytes a row; rgb: 3 * width). */
+/* Assemble rows [0, height) into out (gray: width bytes a row; rgb: 3 * width). With a PDQ
+   stream (want gray), every row also goes into it as RGB, rows from fill_row on as grey 128
+   (where a damaged file stopped: what the Python side fills the gray image with). */
 static int assemble_rows(const Source *src, int count, int model, int want, size_t width,
-                         size_t height, uint8_t *out) {
+                         size_t height, uint8_t *out, PdqStream *pdq, size_t fill_row) {
     size_t widest = 0;
     for (int c = 0; c < count; c++) {
         widest = src[c].cols > widest ? src[c].cols : widest;
     }
     size_t row_len = width > 2 * widest ? width : 2 * widest;
-    uint8_t *scratch = malloc((size_t)count * row_len + 3 * widest + 16);
+    size_t rgb_len = pdq != NULL ? 3 * width : 0;
+    uint8_t *scratch = malloc((size_t)count * row_len + 3 * widest + 16 + rgb_len);
     if (scratch == NULL) {
         return -1;
     }
     const uint8_t *lines[4] = {NULL, NULL, NULL, NULL};
     uint8_t *tmp = scratch + (size_t)count * row_len;
+    uint8_t *rgb = tmp + 3 * widest + 16;
     for (size_t y = 0; y < height; y++) {
+        uint8_t *dst = out + y * width * (want == WANT_RGB ? 3 : 1);
+        if (pdq != NULL && y >= fill_row) {
+            memset(dst, 128, width);
+            memset(rgb, 128, 3 * width);
+            pdq_push_rgb(pdq, rgb);
+            continue;
+        }
         for (int c = 0; c < count; c++) {
             if (src[c].rh == 1 && src[c].rv == 1) {
                 lines[c] = src[c].plane + y * src[c].cols; /* no copy needed */
@@ -1901,10 +1935,68 @@ static int assemble_rows(const Source *src, int count, int model, int want, size
                 lines[c] = line;
             }
         }
-        convert_row(model, want, lines, width, out + y * width * (want == WANT_RGB ? 3 : 1));
+        if (pdq == NULL) {
+            convert_row(model, want, lines, width, dst);
+        } else if (model == MODEL_YCBCR && pdq_row_slots(pdq) != NULL) {
+            ycbcr_to_gray_pdq(lines[0], lines[1], lines[2], width, dst, pdq_row_slots(pdq));
+            pdq_commit_row(pdq);
+        } else {
+            convert_row(model, WANT_RGB, lines, width, rgb);
+            if (model == MODEL_LUMA) {
+                memcpy(dst, lines[0], width); /* as convert_row's gray output */
+            } else {
+                for (size_t x = 0; x < width; x++) {
+                    dst[x] = luma8(rgb[3 * x], rgb[3 * x + 1], rgb[3 * x + 2]);
+                }
+            }
+            pdq_push_rgb(pdq, rgb);
+        }
     }
     free(scratch);
     return 0;
+}
+
+/* The planes argument of assemble and assemble_pdq: [(buffer, rows, cols, rh, rv)]. Returns
+   the number of buffers held in views (to release), or -1 with an exception set. */
+static int parse_planes(PyObject *planes, Py_ssize_t width, Py_ssize_t height, int model,
+                        Py_buffer *views, Source *src) {
+    Py_ssize_t count = PyList_GET_SIZE(planes);
+    int expected = model == MODEL_LUMA ? 1 : (model == MODEL_CMYK || model == MODEL_YCCK) ? 4 : 3;
+    if (count != expected || width <= 0 || height <= 0) {
+        PyErr_SetString(PyExc_ValueError, "assemble: bad plane count or size");
+        return -1;
+    }
+    int held = 0;
+    for (Py_ssize_t c = 0; c < count; c++) {
+        PyObject *item = PyList_GET_ITEM(planes, c);
+        PyObject *buffer;
+        Py_ssize_t rows, cols;
+        int rh, rv;
+        if (!PyArg_ParseTuple(item, "Onnii", &buffer, &rows, &cols, &rh, &rv)) {
+            goto fail;
+        }
+        if (PyObject_GetBuffer(buffer, &views[c], PyBUF_C_CONTIGUOUS) != 0) {
+            goto fail;
+        }
+        held++;
+        if (rows <= 0 || cols <= 0 || rh < 1 || rv < 1 || views[c].len != rows * cols
+            || (size_t)cols * rh < (size_t)width || (size_t)rows * rv < (size_t)height) {
+            PyErr_SetString(PyExc_ValueError, "assemble: plane smaller than the image");
+            goto fail;
+        }
+        src[c].plane = views[c].buf;
+        src[c].rows = (size_t)rows;
+        src[c].cols = (size_t)cols;
+        src[c].rh = rh;
+        src[c].rv = rv;
+        src[c].triangle = (rh == 2 && rv == 1) || (rh == 1 && rv == 2) || (rh == 2 && rv == 2);
+    }
+    return held;
+fail:
+    for (int c = 0; c < held; c++) {
+        PyBuffer_Release(&views[c]);
+    }
+    return -1;
 }
 
 /* assemble(planes: [(buffer, rows, cols, rh, rv)], width, height, model, want) -> bytearray */
@@ -1917,55 +2009,85 @@ static PyObject *assemble(PyObject *self, PyObject *args) {
                           &want)) {
         return NULL;
     }
-    Py_ssize_t count = PyList_GET_SIZE(planes);
-    int expected = model == MODEL_LUMA ? 1 : (model == MODEL_CMYK || model == MODEL_YCCK) ? 4 : 3;
-    if (count != expected || width <= 0 || height <= 0 || (want != WANT_GRAY && want != WANT_RGB)) {
-        PyErr_SetString(PyExc_ValueError, "assemble: bad plane count, size or output kind");
+    if (want != WANT_GRAY && want != WANT_RGB) {
+        PyErr_SetString(PyExc_ValueError, "assemble: bad output kind");
         return NULL;
     }
     Py_buffer views[4];
     Source src[4];
-    int held = 0;
-    PyObject *result = NULL;
-    for (Py_ssize_t c = 0; c < count; c++) {
-        PyObject *item = PyList_GET_ITEM(planes, c);
-        PyObject *buffer;
-        Py_ssize_t rows, cols;
-        int rh, rv;
-        if (!PyArg_ParseTuple(item, "Onnii", &buffer, &rows, &cols, &rh, &rv)) {
-            goto done;
-        }
-        if (PyObject_GetBuffer(buffer, &views[c], PyBUF_C_CONTIGUOUS) != 0) {
-            goto done;
-        }
-        held++;
-        if (rows <= 0 || cols <= 0 || rh < 1 || rv < 1 || views[c].len != rows * cols
-            || (size_t)cols * rh < (size_t)width || (size_t)rows * rv < (size_t)height) {
-            PyErr_SetString(PyExc_ValueError, "assemble: plane smaller than the image");
-            goto done;
-        }
-        src[c].plane = views[c].buf;
-        src[c].rows = (size_t)rows;
-        src[c].cols = (size_t)cols;
-        src[c].rh = rh;
-        src[c].rv = rv;
-        src[c].triangle = (rh == 2 && rv == 1) || (rh == 1 && rv == 2) || (rh == 2 && rv == 2);
+    int held = parse_planes(planes, width, height, model, views, src);
+    if (held < 0) {
+        return NULL;
     }
     size_t bytes = (size_t)width * (size_t)height * (want == WANT_RGB ? 3 : 1);
-    result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)bytes);
-    if (result == NULL) {
+    PyObject *result = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)bytes);
+    if (result != NULL) {
+        uint8_t *out = (uint8_t *)PyByteArray_AS_STRING(result);
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        status = assemble_rows(src, held, model, want, (size_t)width, (size_t)height, out, NULL,
+                               (size_t)height);
+        Py_END_ALLOW_THREADS
+        if (status != 0) {
+            Py_CLEAR(result);
+            PyErr_NoMemory();
+        }
+    }
+    for (int c = 0; c < held; c++) {
+        PyBuffer_Release(&views[c]);
+    }
+    return result;
+}
+
+/* assemble_pdq(planes, width, height, model, fill_row) -> (gray bytearray, 32 bytes, quality):
+   the gray image of assemble(..., WANT_GRAY) and pdq_rgb of the RGB image, in one pass with
+   no RGB image in memory; rows from fill_row on are grey 128. */
+static PyObject *assemble_pdq(PyObject *self, PyObject *args) {
+    PyObject *planes;
+    Py_ssize_t width, height, fill_row;
+    int model;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!nnin", &PyList_Type, &planes, &width, &height, &model,
+                          &fill_row)) {
+        return NULL;
+    }
+    Py_buffer views[4];
+    Source src[4];
+    int held = parse_planes(planes, width, height, model, views, src);
+    if (held < 0) {
+        return NULL;
+    }
+    PyObject *gray = NULL, *result = NULL;
+    PdqStream *pdq = pdq_open((size_t)width, (size_t)height);
+    if (pdq == NULL) {
+        PyErr_NoMemory();
         goto done;
     }
-    uint8_t *out = (uint8_t *)PyByteArray_AS_STRING(result);
-    int status;
+    gray = PyByteArray_FromStringAndSize(NULL, width * height);
+    if (gray == NULL) {
+        pdq_close(pdq);
+        goto done;
+    }
+    uint8_t *out = (uint8_t *)PyByteArray_AS_STRING(gray);
+    uint8_t hash[32];
+    int quality = 0, status;
+    size_t fill = fill_row < 0 ? 0 : (size_t)fill_row;
     Py_BEGIN_ALLOW_THREADS
-    status = assemble_rows(src, (int)count, model, want, (size_t)width, (size_t)height, out);
+    status = assemble_rows(src, held, model, WANT_GRAY, (size_t)width, (size_t)height, out, pdq,
+                           fill);
+    if (status == 0) {
+        pdq_finish(pdq, hash, &quality);
+    } else {
+        pdq_close(pdq);
+    }
     Py_END_ALLOW_THREADS
     if (status != 0) {
-        Py_CLEAR(result);
         PyErr_NoMemory();
+        goto done;
     }
+    result = Py_BuildValue("Oy#i", gray, (const char *)hash, (Py_ssize_t)32, quality);
 done:
+    Py_XDECREF(gray);
     for (int c = 0; c < held; c++) {
         PyBuffer_Release(&views[c]);
     }
@@ -2217,6 +2339,52 @@ static PyObject *mean_hash(PyObject *self, PyObject *args) {
 
 /* ------------------------------------------------------------------ module */
 
+/* pdq_rgb(rgb, width, height) -> (32 bytes, quality): pdqhash.compute's PDQ of RGB8 pixels. */
+static PyObject *pdq_rgb(PyObject *self, PyObject *args) {
+    Py_buffer view;
+    Py_ssize_t width, height;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nn", &view, &width, &height)) {
+        return NULL;
+    }
+    if (width <= 0 || height <= 0 || width > PY_SSIZE_T_MAX / 3 / height
+        || view.len != width * height * 3) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "pdq_rgb: need width * height * 3 bytes of RGB8");
+        return NULL;
+    }
+    PdqStream *stream = pdq_open((size_t)width, (size_t)height);
+    if (stream == NULL) {
+        PyBuffer_Release(&view);
+        return PyErr_NoMemory();
+    }
+    uint8_t hash[32];
+    int quality;
+    const uint8_t *rgb = view.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t y = 0; y < height; y++) {
+        pdq_push_rgb(stream, rgb + (size_t)y * (size_t)width * 3);
+    }
+    pdq_finish(stream, hash, &quality);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return Py_BuildValue("y#i", (const char *)hash, (Py_ssize_t)32, quality);
+}
+
+/* pdq_stream_bytes(width, height) -> what a PDQ stream for that image allocates */
+static PyObject *pdq_stream_bytes_py(PyObject *self, PyObject *args) {
+    Py_ssize_t width, height;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nn", &width, &height)) {
+        return NULL;
+    }
+    if (width < 0 || height < 0) {
+        PyErr_SetString(PyExc_ValueError, "pdq_stream_bytes: negative size");
+        return NULL;
+    }
+    return PyLong_FromSize_t(pdq_stream_bytes((size_t)width, (size_t)height));
+}
+
 static PyMethodDef methods[] = {
     {"decode_planes", decode_planes, METH_VARARGS,
      "decode_planes(data, max_memory, mode=0) -> (width, height, components, corrupt)"},
@@ -2226,11 +2394,16 @@ static PyMethodDef methods[] = {
      "decode_progressive(data, max_memory) -> None or (width, height, components, None)"},
     {"assemble", assemble, METH_VARARGS,
      "assemble(planes, width, height, model, want) -> bytearray"},
+    {"assemble_pdq", assemble_pdq, METH_VARARGS,
+     "assemble_pdq(planes, width, height, model, fill_row) -> (gray, 32 bytes, quality)"},
     {"luma", luma, METH_VARARGS, "luma(rgb) -> bytearray: image-rs to_luma8 of RGB8"},
     {"idct", idct, METH_VARARGS, "idct(int32 blocks) -> bytearray: zune's IDCT per block"},
     {"resize_gray", resize_gray, METH_VARARGS,
      "resize_gray(gray, width, height, out_width, out_height) -> bytearray"},
     {"mean_hash", mean_hash, METH_VARARGS, "mean_hash(gray, width, height) -> int"},
+    {"pdq_stream_bytes", pdq_stream_bytes_py, METH_VARARGS,
+     "pdq_stream_bytes(width, height) -> bytes a PDQ stream allocates"},
+    {"pdq_rgb", pdq_rgb, METH_VARARGS, "pdq_rgb(rgb, width, height) -> (32 bytes, quality)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2241,6 +2414,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit_hashcore(void) {
     init_luma_tables();
+    pdq_init();
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) {
         return NULL;
@@ -2257,6 +2431,7 @@ PyMODINIT_FUNC PyInit_hashcore(void) {
         || PyModule_AddIntConstant(m, "MODEL_YCCK", MODEL_YCCK) < 0
         || PyModule_AddIntConstant(m, "WANT_GRAY", WANT_GRAY) < 0
         || PyModule_AddIntConstant(m, "WANT_RGB", WANT_RGB) < 0
+        || PyModule_AddIntConstant(m, "PDQ_MAX_STREAM_BYTES", (long)PDQ_MAX_STREAM_BYTES) < 0
         || PyModule_AddIntConstant(m, "MODE_PLANES", MODE_PLANES) < 0
         || PyModule_AddIntConstant(m, "MODE_COEFS", MODE_COEFS) < 0
 #ifdef LIBJPEG_TURBO_VERSION_NUMBER

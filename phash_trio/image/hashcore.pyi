@@ -18,6 +18,7 @@ MODEL_CMYK: int
 MODEL_YCCK: int
 WANT_GRAY: int
 WANT_RGB: int
+PDQ_MAX_STREAM_BYTES: int
 MODE_PLANES: int
 MODE_COEFS: int
 JPEG_LIB_VERSION: int
@@ -43,6 +44,16 @@ def assemble(
     want: int,
     /,
 ) -> bytearray: ...
+def assemble_pdq(
+    planes: Sequence[tuple[Buffer, int, int, int, int]],
+    width: int,
+    height: int,
+    model: int,
+    fill_row: int,
+    /,
+) -> tuple[bytearray, bytes, int]: ...
+def pdq_stream_bytes(width: int, height: int, /) -> int: ...
+def pdq_rgb(rgb: Buffer, width: int, height: int, /) -> tuple[bytes, int]: ...
 def luma(rgb: Buffer, /) -> bytearray: ...
 def idct(blocks: Buffer, /) -> bytearray: ...
 def resize_gray(

@@ -2,8 +2,9 @@
 
 Decoding is most of the cost of a hash, so the pixels are decoded once and both perceptual
 hashes are taken from them: the mean hash from the gray image image-rs's ``to_luma8`` gives (bit
-exact with the Rust reference), PDQ from the RGB8 image of ``to_rgb8``. MD5 and SHA-256 of the
-bytes are for exact-match banks. :func:`compute_signals` is synchronous and picklable: the
+exact with the Rust reference), PDQ from the RGB8 image of ``to_rgb8`` (for a JPEG both come out
+of one pass of the compiled core, :func:`~phash_trio.image.decode.decode_gray_pdq`). MD5 and
+SHA-256 of the bytes are for exact-match banks. :func:`compute_signals` is synchronous and picklable: the
 service runs it in the hash worker pool (``HashPool.call``).
 """
 
@@ -15,12 +16,11 @@ import attrs
 import numpy as np
 import numpy.typing as npt
 
-from phash_trio.image.decode import ImageTooLarge, decode_gray, decode_pixels
+from phash_trio.image.decode import ImageTooLarge, decode_gray, decode_gray_pdq
 from phash_trio.image.meanhash import DEFAULT_MAX_PIXELS, hash_gray
-from phash_trio.image.pdq import PdqHash, pdq_from_rgb
-from phash_trio.image.pixels import to_luma8, to_rgb8
+from phash_trio.image.pdq import PdqHash, pdq_from_bytes
 
-__all__ = ["BlobSignals", "compute_signals", "decode_gray_rgb"]
+__all__ = ["BlobSignals", "compute_signals"]
 
 U8Array = npt.NDArray[np.uint8]
 
@@ -49,21 +49,14 @@ def compute_signals(
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageTooLarge(f"input is {len(data)} bytes, limit {max_bytes}")
     data = bytes(data)
-    gray, rgb = decode_gray_rgb(data, max_pixels=max_pixels, rgb=pdq)
+    if pdq:
+        gray, value, quality = decode_gray_pdq(data, max_pixels=max_pixels)
+        pdq_hash: PdqHash | None = pdq_from_bytes(value, quality)
+    else:
+        gray, pdq_hash = decode_gray(data, max_pixels=max_pixels), None
     return BlobSignals(
         mean=hash_gray(gray),
-        pdq=pdq_from_rgb(rgb) if rgb is not None else None,
+        pdq=pdq_hash,
         md5=hashlib.md5(data, usedforsecurity=False).hexdigest(),
         sha256=hashlib.sha256(data).hexdigest(),
     )
-
-
-def decode_gray_rgb(
-    data: bytes, *, max_pixels: int, rgb: bool = True
-) -> tuple[U8Array, U8Array | None]:
-    """The gray pixels of ``to_luma8`` and (if ``rgb``) the RGB8 pixels of ``to_rgb8``, from
-    one decode (without ``rgb`` a JPEG goes straight to luma in the compiled core)."""
-    if not rgb:
-        return decode_gray(data, max_pixels=max_pixels), None
-    pixels = decode_pixels(data, max_pixels=max_pixels)
-    return to_luma8(pixels), to_rgb8(pixels)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import attrs
 import numpy as np
 import numpy.typing as npt
 
@@ -64,6 +65,7 @@ __all__ = [
     "JpegTruncatedError",
     "JpegUnsupportedError",
     "decode_jpeg",
+    "decode_jpeg_pdq",
     "keep_stale_blocks",
 ]
 
@@ -97,9 +99,47 @@ def decode_jpeg(
     """
     if want not in _WANTS:
         raise ValueError(f"want must be 'gray' or 'rgb', not {want!r}")
-    structure = read_structure(bytes(data), max_pixels=max_pixels)
     channels = 3 if want == "rgb" else 1
-    budget = max_memory - structure.width * structure.height * channels
+    ready = _prepare(bytes(data), max_pixels, channels, max_memory)
+    raw = hashcore.assemble(ready.sources, ready.width, ready.height, ready.model, _WANTS[want])
+    shape = (ready.height, ready.width, 3) if want == "rgb" else (ready.height, ready.width)
+    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+    pixels[ready.fill_row :] = 128
+    return pixels
+
+
+def decode_jpeg_pdq(
+    data: bytes, *, max_pixels: int = 50_000_000, max_memory: int = DEFAULT_MAX_MEMORY
+) -> tuple[npt.NDArray[np.uint8], bytes, int]:
+    """The luma8 image of :func:`decode_jpeg` and the PDQ (32 bytes, quality) of its RGB8
+    image, from one pass over the decoded planes: the RGB image is never held."""
+    ready = _prepare(bytes(data), max_pixels, 1, max_memory, pdq=True)
+    raw, pdq, quality = hashcore.assemble_pdq(
+        ready.sources, ready.width, ready.height, ready.model, ready.fill_row
+    )
+    gray = np.frombuffer(raw, dtype=np.uint8).reshape(ready.height, ready.width)
+    return gray, pdq, quality
+
+
+@attrs.frozen
+class _Ready:
+    """Everything the compiled core's assembly needs, and where zune stopped writing rows."""
+
+    width: int
+    height: int
+    sources: list[tuple[npt.NDArray[np.uint8], int, int, int, int]]
+    model: int
+    fill_row: int
+
+
+def _prepare(
+    data: bytes, max_pixels: int, channels: int, max_memory: int, *, pdq: bool = False
+) -> _Ready:
+    structure = read_structure(data, max_pixels=max_pixels)
+    output = structure.width * structure.height * channels
+    if pdq:
+        output += hashcore.pdq_stream_bytes(structure.width, structure.height)
+    budget = max_memory - output
     if budget <= 0:
         raise JpegTooLargeError(
             structure.width,
@@ -111,28 +151,16 @@ def decode_jpeg(
         _check_scan_was_complete(structure, budget)
     planes, stop = _planes(structure, budget)
     ratios = [(structure.max_h // c.h, structure.max_v // c.v) for c in structure.components]
+    fill_row = structure.height
     if stop is not None:
         keep_stale_blocks(planes, structure, stop)
+        fill_row = min(fill_row, _rows_output(structure, ratios, stop))
     sources = [
         (plane, plane.shape[0], plane.shape[1], rh, rv)
         for plane, (rh, rv) in zip(planes, ratios, strict=True)
     ]
-    raw = hashcore.assemble(
-        sources,
-        structure.width,
-        structure.height,
-        _MODELS[_colour_model(structure)],
-        _WANTS[want],
-    )
-    shape = (
-        (structure.height, structure.width, 3)
-        if want == "rgb"
-        else (structure.height, structure.width)
-    )
-    pixels = np.frombuffer(raw, dtype=np.uint8).reshape(shape)
-    if stop is not None:
-        pixels[_rows_output(structure, ratios, stop) :] = 128
-    return pixels
+    model = _MODELS[_colour_model(structure)]
+    return _Ready(structure.width, structure.height, sources, model, fill_row)
 
 
 def _planes(
