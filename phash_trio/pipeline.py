@@ -113,14 +113,18 @@ class JobProcessor:
     async def _hash_blob(self, job: ImageJob, blob: BlobRef, stage: _Stage) -> BlobSignals | None:
         """The blob's signals, or None for a bad blob (counted, logged, not retried)."""
         assert self.matcher is not None
-        # The cache holds mean hashes only: with PDQ or banks in the rules, hash again.
+        # With PDQ or banks in the rules every signal is needed: cached under its own key.
         full = self.matcher.needs_signals
         stage.name = "cache"
-        if self.cache_enabled and not full:
-            cached = await self.store.cache_get(blob.cid)
-            if cached is not None:
+        if self.cache_enabled:
+            if full:
+                hit = await self.store.signals_get(blob.cid)
+            else:
+                cached = await self.store.cache_get(blob.cid)
+                hit = BlobSignals(mean=cached) if cached is not None else None
+            if hit is not None:
                 self.metrics.cache_hits.inc()
-                return BlobSignals(mean=cached)
+                return hit
             self.metrics.cache_misses.inc()
         stage.name = "fetch"
         try:
@@ -158,6 +162,8 @@ class JobProcessor:
         if self.cache_enabled:
             stage.name = "cache"
             await self.store.cache_set(blob.cid, signals.mean, self.cache_ttl)
+            if full and signals.pdq is not None:
+                await self.store.signals_set(blob.cid, signals, self.cache_ttl)
         return signals
 
     async def _attempt(self, job: ImageJob, done: set[str], stage: _Stage) -> None:

@@ -36,6 +36,8 @@ from loguru import logger
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from phash_trio.image.pdq import PdqHash
+from phash_trio.image.signals import BlobSignals
 from phash_trio.metrics import Metrics
 
 __all__ = [
@@ -57,6 +59,8 @@ DEAD_LETTER_KEY = "jobs:dead"
 DAILY_TTL_SECS = 2 * 24 * 3600
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
+#: A cached BlobSignals: mean hash, PDQ hash, quality, MD5, SHA-256 (see signals_get).
+_SIGNALS = re.compile(r"([0-9a-f]{16}) ([0-9a-f]{64}) (\d{1,3}) ([0-9a-f]{32}) ([0-9a-f]{64})")
 
 # DECR that never goes below zero nor creates a key (a stray decrement must not leak a key
 # without TTL or give a later day a head start).
@@ -306,6 +310,50 @@ class RedisStore:
             return
         key = f"phash:{cid}"
         value = f"{phash:016x}"
+        try:
+            await self._call(f"SET {key}", lambda c: c.set(key, value, ex=ttl))
+        except StoreError as exc:
+            logger.debug("cache set failed open: {}", exc)
+
+    async def signals_get(self, cid: str) -> BlobSignals | None:
+        """Every cached signal of ``cid`` (mean hash, PDQ, digests), or None (a miss, also on
+        any Redis error or a malformed value). Separate from ``phash:{cid}``, whose format
+        skywatch-phash-rs shares."""
+        if self._cache_skipped():
+            return None
+        key = f"signals:{cid}"
+        try:
+            raw = await self._call(f"GET {key}", lambda c: c.get(key))
+        except StoreError as exc:
+            logger.debug("cache get failed open: {}", exc)
+            return None
+        if raw is None:
+            return None
+        found = _SIGNALS.fullmatch(str(raw))
+        if found is None or int(found[3]) > 100:
+            logger.warning("ignoring malformed cached signals {!r} at {}", str(raw)[:40], key)
+            return None
+        mean, pdq, quality, md5, sha256 = found.groups()
+        return BlobSignals(
+            mean=int(mean, 16),
+            pdq=PdqHash(hex=pdq, quality=int(quality)),
+            md5=md5,
+            sha256=sha256,
+        )
+
+    async def signals_set(self, cid: str, signals: BlobSignals, ttl: int) -> None:
+        """Cache every signal of a blob for ``ttl`` seconds; errors are ignored."""
+        if signals.pdq is None or signals.md5 is None or signals.sha256 is None:
+            raise ValueError("only complete signals (PDQ and both digests) are cached")
+        if ttl < 1:
+            raise ValueError(f"cache ttl must be >= 1 s, got {ttl}")
+        if self._cache_skipped():
+            return
+        key = f"signals:{cid}"
+        value = (
+            f"{signals.mean:016x} {signals.pdq.hex} {signals.pdq.quality}"
+            f" {signals.md5} {signals.sha256}"
+        )
         try:
             await self._call(f"SET {key}", lambda c: c.set(key, value, ex=ttl))
         except StoreError as exc:

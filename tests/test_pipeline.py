@@ -27,12 +27,15 @@ from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.identity import PdsResolver
 from phash_trio.image.meanhash import mean_hash
 from phash_trio.image.pool import HashPool
+from phash_trio.image.signals import compute_signals
 from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.metrics import Metrics
 from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor, job_from_json, job_to_json, run_worker
+from phash_trio.rules.banksync import BankMetrics
 from phash_trio.rules.index import RuleIndex
-from phash_trio.rules.model import load_rules
+from phash_trio.rules.matcher import BlobMatcher
+from phash_trio.rules.model import load_rules, parse_rules
 from phash_trio.store import DEAD_LETTER_KEY, RedisStore, run_health_monitor
 from phash_trio.testing.blobhost import BlobHost, PlcDirectory
 from phash_trio.testing.capture import IMAGES_DIR, record_cid
@@ -524,3 +527,32 @@ async def test_cache_hit_skips_the_fetch(world: World) -> None:
     snap = world.metrics.snapshot()
     assert (snap["cache_hits"], snap["cache_misses"], snap["blobs_downloaded"]) == (2, 1, 1)
     assert label_events(world.fake) == sorted([first.uri, second.uri, unserved.uri, unserved.uri])
+
+
+async def test_every_signal_is_cached_when_the_rules_need_pdq(world: World) -> None:
+    """With PDQ in the rules the mean-hash cache is not enough: every signal is cached under
+    ``signals:{cid}``, so a repost is decided without a download; a malformed value is a miss."""
+    coffee = compute_signals(image("coffee.jpg"))
+    assert coffee.pdq is not None
+    rule = {k: v for k, v in json.loads(RULES.read_text())[1].items() if k != "phashes"}
+    rules = RuleIndex(parse_rules([{**rule, "pdqHashes": [coffee.pdq.hex]}]), 3)
+    processor = world.processor(matcher=BlobMatcher(rules, metrics=BankMetrics.register()))
+    first, second = world.post("coffee.jpg"), world.post("coffee.jpg")
+    for job in (first, second):
+        world.tracker.start_job(job.time_us)
+        assert await processor.process(job) is True
+    assert world.host.cdn_requests == 1
+    cid = first.blobs[0].cid
+    assert world.raw.get(f"signals:{cid}") == (
+        f"{coffee.mean:016x} {coffee.pdq.hex} {coffee.pdq.quality} {coffee.md5} {coffee.sha256}"
+    )
+    assert world.raw.get(f"phash:{cid}") == f"{coffee.mean:016x}"  # skywatch's key as before
+    events = label_events(world.fake)
+    assert events.count(first.uri) == events.count(second.uri) >= 1
+    world.raw.set(f"signals:{cid}", "0123 not signals")
+    third = world.post("coffee.jpg")
+    world.tracker.start_job(third.time_us)
+    assert await processor.process(third) is True
+    assert world.host.cdn_requests == 2
+    snap = world.metrics.snapshot()
+    assert (snap["cache_hits"], snap["cache_misses"]) == (1, 2)

@@ -9,6 +9,8 @@ import redis
 import trio
 from trio.testing import MockClock
 
+from phash_trio.image.pdq import PdqHash
+from phash_trio.image.signals import BlobSignals
 from phash_trio.metrics import Metrics
 from phash_trio.store import (
     DEAD_LETTER_KEY,
@@ -373,3 +375,22 @@ async def test_failing_call_wakes_monitor_to_backoff_speed(
         assert trio.current_time() == 1.1
         assert metrics.total("redis_reconnects") == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_signals_round_trip_and_junk_is_a_miss(store: RedisStore, raw: redis.Redis) -> None:
+    signals = BlobSignals(
+        mean=0xFF,
+        pdq=PdqHash(hex="ab" * 32, quality=87),
+        md5="0" * 32,
+        sha256="f" * 64,
+    )
+    assert await store.signals_get("bafyone") is None
+    await store.signals_set("bafyone", signals, ttl=600)
+    assert await store.signals_get("bafyone") == signals
+    with pytest.raises(ValueError, match="complete"):
+        await store.signals_set("c", BlobSignals(mean=1), ttl=10)
+    with pytest.raises(ValueError, match="ttl"):
+        await store.signals_set("c", signals, ttl=0)
+    for junk in ["", "00ff", f"{0xFF:016x} {'ab' * 32} 101 {'0' * 32} {'f' * 64}"]:
+        raw.set("signals:junk", junk)
+        assert await store.signals_get("junk") is None
