@@ -51,7 +51,10 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def verdict(ok: bool) -> str:
+def verdict(ok: bool, judged: bool = True) -> str:
+    """ok/MISSED; the targets are set at 1 M hashes, other sizes only show the growth."""
+    if not judged:
+        return "not judged: the targets are for 1 M hashes"
     return "ok" if ok else "MISSED"
 
 
@@ -225,9 +228,9 @@ def main() -> None:
         pdq = index.hashes["pdq"]
         print(
             f"PDQ index built from Redis: {built:.1f} s wall, {built_cpu:.1f} s CPU (target <= 15 s"
-            f" at 1 M: {verdict(min(built, built_cpu) <= 15 or n > 1_000_000)});"
+            f" at 1 M: {verdict(min(built, built_cpu) <= 15, n == 1_000_000)});"
             f" RSS +{first - base:.0f} MB, arrays {index.nbytes / 2**20:.0f} MB"
-            f" (target <= 300 MB: {verdict(first - base <= 300 or n > 1_000_000)})"
+            f" (target <= 300 MB: {verdict(first - base <= 300, n == 1_000_000)})"
         )
         codes = pdq.rows(np.arange(pdq.keys_used))
         p50, p99, worst, rate, c50, c99 = time_lookups(pdq, codes, 31, args.lookups, 1)
@@ -236,8 +239,9 @@ def main() -> None:
             f"PDQ lookup, {n:,} hashes, threshold 31: wall p50 {p50:.3f} ms, p99 {p99:.3f} ms,"
             f" max {worst:.1f} ms, {rate:,.0f} lookups/s; CPU time p50 {c50:.3f} ms, p99"
             f" {c99:.3f} ms (~{cpu_rate:,.0f}/s per core)"
-            f" (targets p99 <= 2 ms: wall {verdict(p99 <= 2)}, CPU {verdict(c99 <= 2)};"
-            f" >= 2,000/s: {verdict(max(rate, cpu_rate) >= 2000)}); load {load()}"
+            f" (targets p99 <= 2 ms: wall {verdict(p99 <= 2, n == 1_000_000)},"
+            f" CPU {verdict(c99 <= 2, n == 1_000_000)};"
+            f" >= 2,000/s: {verdict(max(rate, cpu_rate) >= 2000, n == 1_000_000)}); load {load()}"
         )
         if args.faiss:
             bench_faiss(codes.copy(), min(args.lookups, 1000))
@@ -278,7 +282,11 @@ def main() -> None:
         )
         target = ""
         if threshold == 3:
-            target = f" (target p99 <= 1 ms: wall {verdict(p99 <= 1)}, CPU {verdict(c99 <= 1)})"
+            judged = m == 1_000_000
+            target = (
+                f" (target p99 <= 1 ms: wall {verdict(p99 <= 1, judged)},"
+                f" CPU {verdict(c99 <= 1, judged)})"
+            )
         print(
             f"mean-hash lookup, {m:,} hashes, threshold {threshold}: wall p50 {p50:.3f} ms,"
             f" p99 {p99:.3f} ms, max {worst:.1f} ms, {rate:,.0f}/s; CPU p50 {c50:.3f} ms,"
