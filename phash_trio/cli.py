@@ -35,10 +35,12 @@ def _read_capped(path: Path, max_bytes: int) -> bytes:
 
 def _cmd_hash(args: argparse.Namespace) -> int:
     """One line per file: the hash on stdout, or the error on stderr; nothing else."""
+    from phash_trio.image.allocator import tune_allocator
     from phash_trio.image.meanhash import ImageError, format_hash, mean_hash
     from phash_trio.image.quiet import quiet_stderr
     from phash_trio.image.signals import compute_signals
 
+    tune_allocator()
     status = 0
     for name in args.files:
         pdq = None

@@ -54,6 +54,7 @@ import trio
 from loguru import logger
 
 from phash_trio.config import Settings
+from phash_trio.image.allocator import tune_allocator
 from phash_trio.image.meanhash import ImageError, mean_hash
 from phash_trio.metrics import Metrics
 
@@ -135,6 +136,7 @@ def _warm_up() -> None:
 def _worker_main(jobs: Connection, results: Connection, capture_path: str) -> None:
     """A worker: report ready, then answer one pickled callable at a time until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the service's to handle
+    tune_allocator()
     threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
     capture = _Fd2Capture(capture_path)
     faulthandler.enable()  # a crash leaves its traceback in the capture file
@@ -299,6 +301,7 @@ class HashPool:
         if processes:
             threading.Thread(target=self._prestart, name="hash-pool-start", daemon=True).start()
         else:
+            tune_allocator()  # the images are decoded in this process
             self._started.set()
 
     @classmethod
