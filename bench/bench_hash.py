@@ -32,6 +32,7 @@ from pathlib import Path  # noqa: E402
 import imagehash  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from phash_trio.image.allocator import tune_allocator  # noqa: E402
 from phash_trio.image.decode import decode_gray  # noqa: E402
 from phash_trio.image.meanhash import ImageError, format_hash, hash_gray, mean_hash  # noqa: E402
 
@@ -170,9 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--golden", type=Path, default=DEFAULT_GOLDEN)
     parser.add_argument("--photos", type=Path, default=_BENCH_PHOTOS, help="fallback photos")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the photo runs")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (the service's hashing processes raise them)",
+    )
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # Pillow warns on some malformed test images (baseline)
     print(f"threads: OMP/OPENBLAS/MKL = 1, sequential, {_pin_one_cpu()}")
+    if not args.default_allocator:
+        # As in the service's hashing processes; ImageHash, in the same process, gets it too.
+        print(f"allocator: heap thresholds 32 MiB as in the service: {tune_allocator()}")
     photos, where = _photos(args.golden, args.photos)
     for _, data in photos[:3]:  # warm-up
         _ours(data)
