@@ -33,9 +33,10 @@ def test_seeded_sample_has_no_findings() -> None:
     assert report.peak_rss_bytes < 1 << 30
 
 
-def test_seeded_sample_through_decode_rgb_has_no_findings() -> None:
-    """The PDQ path (decode_rgb) on 150 other mutated files: the same guarantees."""
-    report = fuzz.run_fuzz(seed=77, cases=150, batch=150, target=fuzz.rgb_case)
+def test_seeded_sample_through_the_pdq_path_has_no_findings() -> None:
+    """The PDQ path (compute_signals: gray + PDQ in one pass of the compiled core) on 150 other
+    mutated files: the same guarantees."""
+    report = fuzz.run_fuzz(seed=77, cases=150, batch=150, target=fuzz.signals_case)
     assert report.findings == []
     assert report.counts.get("hashed", 0) > 10 and sum(report.counts.values()) == 150
 

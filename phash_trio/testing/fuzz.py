@@ -229,8 +229,17 @@ def hash_case(data: bytes) -> int:
     return mean_hash(data, max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES)
 
 
+def signals_case(data: bytes) -> int:
+    """``compute_signals`` (the PDQ path: gray + PDQ in one pass of the compiled core for a
+    JPEG) at the same limits; returns the mean hash."""
+    from phash_trio.image.signals import compute_signals
+
+    return compute_signals(data, max_pixels=MAX_PIXELS, max_bytes=MAX_BYTES).mean
+
+
 def rgb_case(data: bytes) -> int:
-    """``decode_rgb`` (the PDQ path) at the same limits; returns the pixel count."""
+    """``decode_rgb`` (RGB8 pixels, as pdqhash would get them) at the same limits; returns the
+    pixel count."""
     from phash_trio.image.decode import decode_rgb
     from phash_trio.image.meanhash import ImageTooLarge
 
@@ -239,7 +248,11 @@ def rgb_case(data: bytes) -> int:
     return int(decode_rgb(data, max_pixels=MAX_PIXELS).size)
 
 
-TARGETS: dict[str, Callable[[bytes], Any]] = {"mean_hash": hash_case, "decode_rgb": rgb_case}
+TARGETS: dict[str, Callable[[bytes], Any]] = {
+    "mean_hash": hash_case,
+    "signals": signals_case,
+    "decode_rgb": rgb_case,
+}
 
 
 def segfault_on_gif(data: bytes) -> int:
