@@ -4,8 +4,8 @@ Decoding is most of the cost of a hash, so the pixels are decoded once and both 
 hashes are taken from them: the mean hash from the gray image image-rs's ``to_luma8`` gives (bit
 exact with the Rust reference), PDQ from the RGB8 image of ``to_rgb8`` (for a JPEG both come out
 of one pass of the compiled core, :func:`~phash_trio.image.decode.decode_gray_pdq`). MD5 and
-SHA-256 of the bytes are for exact-match banks. :func:`compute_signals` is synchronous and picklable: the
-service runs it in the hash worker pool (``HashPool.call``).
+SHA-256 of the bytes are for exact-match banks. :func:`compute_signals` is synchronous and
+picklable: the service runs it in the hash worker pool (``HashPool.call``).
 """
 
 from __future__ import annotations
