@@ -31,7 +31,7 @@ from phash_trio.api import create_app, serve_app
 from phash_trio.api.auth import Auth
 from phash_trio.api.server import ServerLimits
 from phash_trio.config import Settings
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 from phash_trio.state.services import open_decision_services
 from phash_trio.testing.redis_server import redis_server
 from phash_trio.testing.webhook_receiver import WebhookReceiver

@@ -30,19 +30,19 @@ import attrs
 import trio
 from loguru import logger
 
-from phash_trio.events import ACCOUNT_PERIOD_SECS, REASON_OTHER, ActionKind, build_event
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.metrics import Metrics
-from phash_trio.ozone import (
+from phash_trio.net.ozone.client import (
     OzoneAuthError,
     OzoneClient,
     OzoneError,
     OzoneRejected,
     OzoneUnavailable,
 )
+from phash_trio.net.ozone.events import ACCOUNT_PERIOD_SECS, REASON_OTHER, ActionKind, build_event
 from phash_trio.rules.index import Match
+from phash_trio.runtime.metrics import Metrics
 from phash_trio.state.hook import DecisionHook, NoDecisions
-from phash_trio.store import CLAIM_PENDING_PREFIX, RedisStore, StoreError
+from phash_trio.state.store import CLAIM_PENDING_PREFIX, RedisStore, StoreError
 
 __all__ = ["Actions", "ActionsRejected", "RateSpacer", "claim_key", "planned_actions"]
 

@@ -102,7 +102,7 @@ def _rules_check_ozone(path: Path) -> int:
     import trio
 
     from phash_trio.config import ConfigError, load_settings
-    from phash_trio.ozone_check import print_ozone_check
+    from phash_trio.net.ozone.check import print_ozone_check
     from phash_trio.rules.model import load_rules
 
     try:
@@ -160,8 +160,8 @@ def _serve_until_stopped(
     import trio
 
     from phash_trio.config import Settings
-    from phash_trio.logs import configure_logging, flush_logs
     from phash_trio.rules.index import RuleIndex
+    from phash_trio.runtime.logs import configure_logging, flush_logs
 
     settings, rules = _load_or_exit()
     assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)
@@ -197,8 +197,8 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
 
     from phash_trio.config import Settings
     from phash_trio.deadletters import dead_letters_command
-    from phash_trio.logs import configure_logging
     from phash_trio.rules.index import RuleIndex
+    from phash_trio.runtime.logs import configure_logging
 
     settings, rules = _load_or_exit()
     assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)

@@ -15,8 +15,8 @@ from typing import Any
 import attrs
 from dotenv import dotenv_values
 
-from phash_trio.events import is_reason_type
-from phash_trio.syntax import is_valid_did
+from phash_trio.net.atproto.syntax import is_valid_did
+from phash_trio.net.ozone.events import is_reason_type
 
 __all__ = ["ConfigError", "Settings", "load_settings"]
 

@@ -14,13 +14,13 @@ from typing import Any, TextIO
 import cattrs
 import trio
 
-from phash_trio.components import open_processor
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import CursorTracker
-from phash_trio.metrics import Metrics
 from phash_trio.pipeline import job_from_json
 from phash_trio.rules.index import RuleIndex
-from phash_trio.store import RedisStore, StoreError
+from phash_trio.runtime.components import open_processor
+from phash_trio.runtime.metrics import Metrics
+from phash_trio.state.store import RedisStore, StoreError
 
 __all__ = ["dead_letters_command"]
 

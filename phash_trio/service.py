@@ -31,23 +31,23 @@ from loguru import logger
 
 from phash_trio.api import create_app, serve_app
 from phash_trio.api.server import ServerLimits
-from phash_trio.components import open_processor
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import Checkpointer, CursorFile, CursorTracker, run_checkpointer
 from phash_trio.firehose.reader import ReaderConfig, ReaderState, run_reader
 from phash_trio.jobs import ImageJob
-from phash_trio.metrics import Metrics
-from phash_trio.notify import Notifier, run_watchdog
-from phash_trio.ozone_check import check_at_start
+from phash_trio.net.ozone.check import check_at_start
 from phash_trio.pipeline import run_worker
 from phash_trio.rules.index import RuleIndex
+from phash_trio.runtime.components import open_processor
+from phash_trio.runtime.metrics import Metrics
+from phash_trio.runtime.notify import Notifier, run_watchdog
 from phash_trio.runtime.progress import ProgressCheck
 from phash_trio.state.services import (
     DecisionConfigError,
     decision_settings,
     open_decision_services,
 )
-from phash_trio.store import RedisStore, run_health_monitor
+from phash_trio.state.store import RedisStore, run_health_monitor
 
 __all__ = ["Service", "StartupError", "run_service"]
 

@@ -18,12 +18,12 @@ from phash_trio.api.hashing import HashGate
 from phash_trio.api.inputs import UrlFetcher
 from phash_trio.api.service_app import build_api_app
 from phash_trio.image.pool import HashPool
-from phash_trio.metrics import Metrics
 from phash_trio.net.transport import guarded_transport
 from phash_trio.rules.banks import BankStore
 from phash_trio.rules.banksync import BankSync
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.matcher import BlobMatcher
+from phash_trio.runtime.metrics import Metrics
 
 PHOTOS = Path(__file__).resolve().parent / "data" / "golden" / "images" / "photos" / "jpeg"
 

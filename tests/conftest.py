@@ -12,8 +12,8 @@ import pytest
 import redis
 from loguru import logger
 
-from phash_trio.metrics import Metrics
-from phash_trio.store import RedisStore
+from phash_trio.runtime.metrics import Metrics
+from phash_trio.state.store import RedisStore
 from phash_trio.testing.redis_server import RedisProcess, redis_server
 
 #: The curated golden subset shipped with the repository: always there, always tested.

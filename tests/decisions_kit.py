@@ -18,7 +18,7 @@ from phash_trio.api import create_app, serve_app
 from phash_trio.api.auth import Auth, add_key, load_keys
 from phash_trio.api.server import ServerLimits
 from phash_trio.config import Settings
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 from phash_trio.state.services import DecisionServices, open_decision_services
 
 

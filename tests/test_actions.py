@@ -22,20 +22,20 @@ from phash_trio.actions import (
     claim_key,
     planned_actions,
 )
-from phash_trio.breaker import CircuitBreaker
-from phash_trio.events import (
+from phash_trio.jobs import BlobRef, ImageJob
+from phash_trio.net.breaker import CircuitBreaker
+from phash_trio.net.ozone.client import OzoneClient, OzoneRejected, OzoneUnavailable
+from phash_trio.net.ozone.events import (
     LEGACY_REASON_OTHER,
     REASON_OTHER,
     ActionKind,
     build_event,
     externalid,
 )
-from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.metrics import Metrics
-from phash_trio.ozone import OzoneClient, OzoneRejected, OzoneUnavailable
 from phash_trio.rules.index import Match
 from phash_trio.rules.model import Rule
-from phash_trio.store import RedisStore, StoreError
+from phash_trio.runtime.metrics import Metrics
+from phash_trio.state.store import RedisStore, StoreError
 from phash_trio.testing.fake_ozone import ROLE_TRIAGE, FakeOzone, labeler_record, run_fake_ozone
 from phash_trio.testing.redis_server import RedisProcess
 

@@ -12,7 +12,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from phash_trio.api import AddressError, ApiServer, ServerLimits, create_app, parse_addr, serve_app
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 
 
 class Health:

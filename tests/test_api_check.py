@@ -12,19 +12,19 @@ import trio
 
 from phash_trio.actions import Actions, RateSpacer
 from phash_trio.api.check import blob_cid
-from phash_trio.blobs import BlobFetcher
-from phash_trio.breaker import CircuitBreaker
-from phash_trio.events import ActionKind, externalid
-from phash_trio.identity import PdsResolver
 from phash_trio.image.signals import compute_signals
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.metrics import Metrics
-from phash_trio.ozone import OzoneClient
+from phash_trio.net.atproto.blobs import BlobFetcher
+from phash_trio.net.atproto.identity import PdsResolver
+from phash_trio.net.breaker import CircuitBreaker
+from phash_trio.net.ozone.client import OzoneClient
+from phash_trio.net.ozone.events import ActionKind, externalid
 from phash_trio.rules.banks import BankEntry
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.matcher import BlobMatcher
 from phash_trio.rules.model import parse_rules
-from phash_trio.store import RedisStore
+from phash_trio.runtime.metrics import Metrics
+from phash_trio.state.store import RedisStore
 from phash_trio.testing.blobhost import BlobHost, PlcDirectory, cid_for
 from phash_trio.testing.fake_ozone import FakeOzone, run_fake_ozone
 from phash_trio.testing.redis_server import RedisProcess

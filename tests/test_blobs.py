@@ -10,8 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from phash_trio import identity
-from phash_trio.blobs import (
+from phash_trio.config import Settings
+from phash_trio.net.atproto import identity
+from phash_trio.net.atproto.blobs import (
     BlobError,
     BlobFetcher,
     BlobNotFound,
@@ -20,10 +21,9 @@ from phash_trio.blobs import (
     InvalidCid,
     InvalidDid,
 )
-from phash_trio.breaker import BreakerState
-from phash_trio.config import Settings
-from phash_trio.identity import PdsResolver
-from phash_trio.metrics import Metrics
+from phash_trio.net.atproto.identity import PdsResolver
+from phash_trio.net.breaker import BreakerState
+from phash_trio.runtime.metrics import Metrics
 from phash_trio.testing.blobhost import BlobHost, PlcDirectory, cid_for
 
 DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"

@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
-from phash_trio.breaker import BreakerOpen, BreakerState, CircuitBreaker
-from phash_trio.metrics import Metrics
+from phash_trio.net.breaker import BreakerOpen, BreakerState, CircuitBreaker
+from phash_trio.runtime.metrics import Metrics
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from phash_trio.events import (
+from phash_trio.net.ozone.events import (
     ACCOUNT_PERIOD_SECS,
     LEGACY_REASON_OTHER,
     REASON_OTHER,

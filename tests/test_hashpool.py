@@ -21,7 +21,7 @@ from phash_trio.image.meanhash import (
     mean_hash,
 )
 from phash_trio.image.pool import HashPool, HashPoolClosed, HashWorkerDied, ImageTimeout
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 from phash_trio.testing import hostile
 from phash_trio.testing.capture import IMAGES_DIR
 from phash_trio.testing.sandbox import die_by_signal, sleep_for

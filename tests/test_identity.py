@@ -9,9 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from phash_trio.breaker import BreakerState
 from phash_trio.config import Settings
-from phash_trio.identity import (
+from phash_trio.net.atproto.identity import (
     DidNotFound,
     InvalidDid,
     NoPdsInDocument,
@@ -23,7 +22,8 @@ from phash_trio.identity import (
     is_valid_cid,
     is_valid_did,
 )
-from phash_trio.metrics import Metrics
+from phash_trio.net.breaker import BreakerState
+from phash_trio.runtime.metrics import Metrics
 from phash_trio.testing.blobhost import PlcDirectory, cid_for
 
 DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"

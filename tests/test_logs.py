@@ -14,7 +14,7 @@ import trio
 import trio.lowlevel
 from loguru import logger
 
-from phash_trio.logs import configure_logging, flush_logs, redact
+from phash_trio.runtime.logs import configure_logging, flush_logs, redact
 
 JWT = (
     "eyJhbGciOiJFUzI1NksifQ.eyJzY29wZSI6ImNvbS5hdHByb3RvLmFjY2VzcyIsInN1YiI6ImRpZDpwbGM6eCJ9"

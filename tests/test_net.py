@@ -9,14 +9,14 @@ import httpx
 import pytest
 import trio
 
-from phash_trio.blobs import BlobFetcher, BlobNotFound
-from phash_trio.breaker import CircuitBreaker
-from phash_trio.httpserver import HttpServer, Request, Response, serve_http
-from phash_trio.identity import PdsResolver
-from phash_trio.metrics import Metrics
+from phash_trio.net.atproto.blobs import BlobFetcher, BlobNotFound
+from phash_trio.net.atproto.identity import PdsResolver
+from phash_trio.net.breaker import CircuitBreaker
 from phash_trio.net.endpoints import BadEndpoint, parse_endpoint, public_addresses
 from phash_trio.net.transport import guarded_transport, refused_address
+from phash_trio.runtime.metrics import Metrics
 from phash_trio.testing.blobhost import PlcDirectory
+from phash_trio.testing.httpserver import HttpServer, Request, Response, serve_http
 from phash_trio.testing.jetstream_replay import fake_cid, fake_did
 
 PUBLIC = "93.184.216.34"

@@ -12,7 +12,7 @@ import pytest
 import trio
 from loguru import logger
 
-from phash_trio.notify import Notifier, run_watchdog
+from phash_trio.runtime.notify import Notifier, run_watchdog
 
 
 @pytest.fixture

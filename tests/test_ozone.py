@@ -14,17 +14,17 @@ import pytest
 import trio
 from loguru import logger
 
-from phash_trio.breaker import BreakerState, CircuitBreaker
 from phash_trio.config import Settings
-from phash_trio.events import ActionKind, build_event
-from phash_trio.metrics import Metrics
-from phash_trio.ozone import (
+from phash_trio.net.breaker import BreakerState, CircuitBreaker
+from phash_trio.net.ozone.client import (
     EmitResult,
     OzoneAuthError,
     OzoneClient,
     OzoneRejected,
     OzoneUnavailable,
 )
+from phash_trio.net.ozone.events import ActionKind, build_event
+from phash_trio.runtime.metrics import Metrics
 from phash_trio.testing.fake_ozone import FakeOzone, FakeWallClock, run_fake_ozone
 
 DID = "did:plc:z72i7hdynmk6r22z27h6tvur"

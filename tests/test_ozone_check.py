@@ -11,10 +11,10 @@ import httpx
 import pytest
 import trio
 
-from phash_trio.breaker import CircuitBreaker
-from phash_trio.events import LEGACY_REASON_OTHER, REASON_OTHER
-from phash_trio.ozone import OzoneClient
-from phash_trio.ozone_check import check_ozone, role_name
+from phash_trio.net.breaker import CircuitBreaker
+from phash_trio.net.ozone.check import check_ozone, role_name
+from phash_trio.net.ozone.client import OzoneClient
+from phash_trio.net.ozone.events import LEGACY_REASON_OTHER, REASON_OTHER
 from phash_trio.rules.model import Rule
 from phash_trio.testing.fake_ozone import (
     ROLE_ADMIN,

@@ -21,22 +21,22 @@ import trio
 import trio.testing
 
 from phash_trio.actions import Actions, RateSpacer
-from phash_trio.blobs import BlobFetcher
-from phash_trio.breaker import BreakerState, CircuitBreaker
 from phash_trio.firehose.cursor import CursorTracker
-from phash_trio.identity import PdsResolver
 from phash_trio.image.meanhash import mean_hash
 from phash_trio.image.pool import HashPool
 from phash_trio.image.signals import compute_signals
 from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.metrics import Metrics
-from phash_trio.ozone import OzoneClient
+from phash_trio.net.atproto.blobs import BlobFetcher
+from phash_trio.net.atproto.identity import PdsResolver
+from phash_trio.net.breaker import BreakerState, CircuitBreaker
+from phash_trio.net.ozone.client import OzoneClient
 from phash_trio.pipeline import JobProcessor, job_from_json, job_to_json, run_worker
 from phash_trio.rules.banksync import BankMetrics
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.matcher import BlobMatcher
 from phash_trio.rules.model import load_rules, parse_rules
-from phash_trio.store import DEAD_LETTER_KEY, RedisStore, run_health_monitor
+from phash_trio.runtime.metrics import Metrics
+from phash_trio.state.store import DEAD_LETTER_KEY, RedisStore, run_health_monitor
 from phash_trio.testing.blobhost import BlobHost, PlcDirectory
 from phash_trio.testing.capture import IMAGES_DIR, record_cid
 from phash_trio.testing.fake_ozone import FakeOzone, run_fake_ozone

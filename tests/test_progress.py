@@ -13,7 +13,7 @@ import trio.testing
 
 from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.firehose.reader import ReaderState
-from phash_trio.notify import Notifier, run_watchdog
+from phash_trio.runtime.notify import Notifier, run_watchdog
 from phash_trio.runtime.progress import ProgressCheck
 
 T = 1_764_000_000_000_000

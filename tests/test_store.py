@@ -11,8 +11,8 @@ from trio.testing import MockClock
 
 from phash_trio.image.pdq import PdqHash
 from phash_trio.image.signals import BlobSignals
-from phash_trio.metrics import Metrics
-from phash_trio.store import (
+from phash_trio.runtime.metrics import Metrics
+from phash_trio.state.store import (
     DEAD_LETTER_KEY,
     CorruptDeadLetter,
     RedisCommandError,

@@ -11,7 +11,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from phash_trio.api.status import Health, status_routes
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "BodyLimit", "create_app"]
 

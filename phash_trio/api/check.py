@@ -39,7 +39,9 @@ from phash_trio.api.inputs import (
     read_json,
     read_upload,
 )
-from phash_trio.blobs import (
+from phash_trio.image.signals import BlobSignals
+from phash_trio.jobs import POST_COLLECTION, BlobRef, ImageJob
+from phash_trio.net.atproto.blobs import (
     BlobError,
     BlobNotFound,
     BlobTooLarge,
@@ -47,12 +49,10 @@ from phash_trio.blobs import (
     InvalidCid,
     InvalidDid,
 )
-from phash_trio.image.signals import BlobSignals
-from phash_trio.jobs import POST_COLLECTION, BlobRef, ImageJob
-from phash_trio.ozone import OzoneError, OzoneUnavailable
+from phash_trio.net.atproto.syntax import is_valid_cid, is_valid_did
+from phash_trio.net.ozone.client import OzoneError, OzoneUnavailable
 from phash_trio.rules.index import Match
-from phash_trio.store import StoreError
-from phash_trio.syntax import is_valid_cid, is_valid_did
+from phash_trio.state.store import StoreError
 
 __all__ = ["blob_cid", "check_routes"]
 

@@ -36,7 +36,7 @@ from phash_trio.state.decisions import (
 )
 from phash_trio.state.recorder import DecisionMetrics
 from phash_trio.state.redisio import RedisThreads, run_in_thread
-from phash_trio.store import StoreError, backoff_delays
+from phash_trio.state.store import StoreError, backoff_delays
 
 __all__ = ["Broadcaster", "Filters", "event_routes", "format_event"]
 

@@ -29,13 +29,13 @@ from phash_trio.api.server import ApiServer, ServerLimits, parse_addr, serve_app
 from phash_trio.api.service_app import build_api_app
 from phash_trio.api.status import Health
 from phash_trio.config import Settings
-from phash_trio.metrics import Metrics
 from phash_trio.net.transport import guarded_transport
 from phash_trio.pipeline import JobProcessor
 from phash_trio.rules.banks import BankStore
 from phash_trio.rules.banksync import BankMetrics, BankSync
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.matcher import BlobMatcher
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = ["API_LIMITS", "DEFAULT_SERVE_ADDR", "ApiStartupError", "run_api", "serve_command"]
 
@@ -166,9 +166,9 @@ async def run_api(
 
 async def serve_command(settings: Settings, rules: RuleIndex) -> int:
     """``phash-trio serve``: the API alone (no firehose) until SIGTERM/SIGINT."""
-    from phash_trio.components import open_processor
     from phash_trio.firehose.cursor import CursorTracker
-    from phash_trio.store import RedisStore, run_health_monitor
+    from phash_trio.runtime.components import open_processor
+    from phash_trio.state.store import RedisStore, run_health_monitor
 
     metrics = Metrics()
     store = RedisStore(settings.redis_url, metrics)

@@ -24,7 +24,7 @@ from phash_trio.api.errors import install_error_handlers
 from phash_trio.api.hma import hma_routes
 from phash_trio.api.openapi import openapi_routes
 from phash_trio.api.status import Health
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = ["api_body_limit", "build_api_app"]
 

@@ -12,7 +12,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = ["Health", "status_routes"]
 

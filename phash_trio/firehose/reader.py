@@ -52,7 +52,7 @@ from phash_trio.firehose.events import (
     parse_event,
 )
 from phash_trio.jobs import POST_COLLECTION, ImageJob
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = [
     "ReaderConfig",

@@ -56,7 +56,7 @@ from loguru import logger
 from phash_trio.config import Settings
 from phash_trio.image.allocator import tune_allocator
 from phash_trio.image.meanhash import ImageError, mean_hash
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = [
     "HashPool",

@@ -1,2 +1,2 @@
-"""HTTP helpers for untrusted peers: endpoint checks and a transport that connects only to the
-address it checked (DESIGN §5)."""
+"""HTTP helpers for untrusted peers: endpoint checks, a transport that connects only to the
+address it checked, and the circuit breaker each remote endpoint has (DESIGN §5)."""

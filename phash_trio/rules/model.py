@@ -32,7 +32,7 @@ from cattrs.errors import (
 )
 from cattrs.gen import make_dict_structure_fn, override
 
-from phash_trio.syntax import is_valid_did
+from phash_trio.net.atproto.syntax import is_valid_did
 
 __all__ = [
     "ACTION_KEYS",

@@ -1,1 +1,2 @@
-"""Running the service: what keeps it honest towards systemd (DESIGN §5)."""
+"""Running the service: wiring of its components, systemd notify, log output, metrics, progress
+(DESIGN §5)."""

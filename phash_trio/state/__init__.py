@@ -1,1 +1,2 @@
-"""State kept in Redis beyond the pipeline's own keys: the decision log (audit trail)."""
+"""State kept in Redis: the hash cache, claims, daily caps, dead letters and health (store), and
+the decision log (audit trail)."""

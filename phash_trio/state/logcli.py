@@ -13,7 +13,7 @@ import trio.lowlevel
 from phash_trio.config import Settings
 from phash_trio.state.decisions import Decision, DecisionLog, decision_from_fields, parse_entry_id
 from phash_trio.state.redisio import RedisThreads, run_in_thread
-from phash_trio.store import StoreError
+from phash_trio.state.store import StoreError
 
 __all__ = ["log_command", "parse_since"]
 

@@ -1,8 +1,8 @@
 """A small synchronous redis-py client run in threads, for the decision log and webhooks.
 
-Same rules as :mod:`phash_trio.store`: redis-py's blocking client (timeouts set, no client-side
+Same rules as :mod:`phash_trio.state.store`: redis-py's blocking client (timeouts set, no client-side
 retries) called through ``trio.to_thread.run_sync`` behind a ``CapacityLimiter``, errors mapped
-to :class:`~phash_trio.store.RedisUnavailable` / :class:`~phash_trio.store.RedisCommandError`.
+to :class:`~phash_trio.state.store.RedisUnavailable` / :class:`~phash_trio.state.store.RedisCommandError`.
 Blocking reads (``XREAD BLOCK``) get their own client so they never hold a shared connection.
 """
 
@@ -16,7 +16,7 @@ import trio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from phash_trio.store import RedisCommandError, RedisUnavailable
+from phash_trio.state.store import RedisCommandError, RedisUnavailable
 
 __all__ = ["RedisThreads"]
 

@@ -41,7 +41,7 @@ from phash_trio.net.transport import guarded_transport
 from phash_trio.state.decisions import DecisionLog
 from phash_trio.state.recorder import DecisionMetrics, DecisionRecorder
 from phash_trio.state.redisio import RedisThreads
-from phash_trio.store import StoreError, backoff_delays
+from phash_trio.state.store import StoreError, backoff_delays
 from phash_trio.webhooks.delivery import DeliveryConfig
 from phash_trio.webhooks.manager import WebhookManager
 from phash_trio.webhooks.subscriptions import (

@@ -1,6 +1,6 @@
 """In-process fakes of the blob CDN, a PDS's ``getBlob`` and the PLC directory (tests, demo).
 
-Both run on :mod:`phash_trio.httpserver` on ``127.0.0.1:0``. Start one with
+Both run on :mod:`phash_trio.testing.httpserver` on ``127.0.0.1:0``. Start one with
 ``host = await nursery.start(BlobHost.run)`` (or ``async with run_blobhost() as host``); ``.url``
 says where it listens. One :class:`BlobHost` answers both the CDN path and the PDS path, so a
 test can use one instance for both roles or two instances on separate ports. Faults are plain
@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import trio
 
-from phash_trio.httpserver import HttpServer, Request, Response, json_response, serve_http
+from phash_trio.testing.httpserver import HttpServer, Request, Response, json_response, serve_http
 from phash_trio.testing.jetstream_replay import RAW, fake_cid
 
 __all__ = ["BlobHost", "PlcDirectory", "cid_for", "did_document", "run_blobhost", "run_plc"]

@@ -1,4 +1,4 @@
-"""A fake PDS + Ozone on :mod:`phash_trio.httpserver`, for tests and the demo.
+"""A fake PDS + Ozone on :mod:`phash_trio.testing.httpserver`, for tests and the demo.
 
 It speaks the XRPC methods the service uses: ``createSession`` (checks the password, issues
 JWT-shaped tokens with ``iat``/``exp`` claims), ``refreshSession`` (rotates the refresh token),
@@ -37,8 +37,8 @@ from urllib.parse import parse_qs, urlsplit
 import attrs
 import trio
 
-from phash_trio.events import reason_accepted
-from phash_trio.httpserver import HttpServer, Request, Response, json_response, serve_http
+from phash_trio.net.ozone.events import reason_accepted
+from phash_trio.testing.httpserver import HttpServer, Request, Response, json_response, serve_http
 
 __all__ = [
     "ROLE_ADMIN",

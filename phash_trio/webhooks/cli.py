@@ -15,7 +15,7 @@ from phash_trio.config import Settings
 from phash_trio.net.transport import guarded_transport
 from phash_trio.state.decisions import STREAM_KEY, Decision
 from phash_trio.state.redisio import RedisThreads
-from phash_trio.store import StoreError
+from phash_trio.state.store import StoreError
 from phash_trio.webhooks.delivery import DEAD_PREFIX, group_name
 from phash_trio.webhooks.signing import SignatureError, verify, verify_hma
 from phash_trio.webhooks.subscriptions import (

@@ -28,11 +28,11 @@ import httpx
 import trio
 from loguru import logger
 
-from phash_trio.breaker import BreakerOpen, CircuitBreaker
+from phash_trio.net.breaker import BreakerOpen, CircuitBreaker
 from phash_trio.state.decisions import STREAM_KEY, Decision, decision_from_fields
 from phash_trio.state.recorder import DecisionMetrics
 from phash_trio.state.redisio import RedisThreads, run_in_thread
-from phash_trio.store import StoreError, backoff_delays
+from phash_trio.state.store import StoreError, backoff_delays
 from phash_trio.webhooks.subscriptions import Subscription
 
 __all__ = ["DEAD_PREFIX", "Deliverer", "DeliveryConfig", "group_name"]

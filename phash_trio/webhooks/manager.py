@@ -14,7 +14,7 @@ from loguru import logger
 
 from phash_trio.state.recorder import DecisionMetrics
 from phash_trio.state.redisio import RedisThreads
-from phash_trio.store import StoreError
+from phash_trio.state.store import StoreError
 from phash_trio.webhooks.delivery import Deliverer, DeliveryConfig
 from phash_trio.webhooks.subscriptions import Subscription, SubscriptionStore
 

@@ -122,7 +122,7 @@ class Metrics:
         self.errors = Counter(p + "errors", "Errors by kind", ["kind"], registry=r)
 
     def on_breaker_transition(self, name: str, old: object, new: object) -> None:
-        """Hook for :class:`phash_trio.breaker.CircuitBreaker`."""
+        """Hook for :class:`phash_trio.net.breaker.CircuitBreaker`."""
         self.breaker_transitions.labels(breaker=name, to=getattr(new, "value", str(new))).inc()
 
     def on_breaker_reject(self, name: str) -> None:

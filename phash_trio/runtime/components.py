@@ -8,20 +8,20 @@ from contextlib import asynccontextmanager
 import httpx
 
 from phash_trio.actions import Actions, RateSpacer
-from phash_trio.blobs import BlobFetcher
-from phash_trio.breaker import CircuitBreaker
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import CursorTracker
-from phash_trio.identity import PdsResolver
 from phash_trio.image.pool import HashPool
-from phash_trio.metrics import Metrics
+from phash_trio.net.atproto.blobs import BlobFetcher
+from phash_trio.net.atproto.identity import PdsResolver
+from phash_trio.net.breaker import CircuitBreaker
+from phash_trio.net.ozone.client import OzoneClient
 from phash_trio.net.transport import guarded_transport
-from phash_trio.ozone import OzoneClient
 from phash_trio.pipeline import JobProcessor
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.matcher import build_matcher
+from phash_trio.runtime.metrics import Metrics
 from phash_trio.state.hook import DecisionHook, NoDecisions
-from phash_trio.store import RedisStore
+from phash_trio.state.store import RedisStore
 
 __all__ = ["open_processor"]
 

@@ -1,7 +1,7 @@
 """Download one image blob: the Bluesky CDN first, then the author's own PDS.
 
 The CDN is operator configuration and trusted; the PDS URL comes from a stranger's DID document,
-so it is checked (:func:`phash_trio.identity.check_public_url`) before every request and
+so it is checked (:func:`phash_trio.net.atproto.identity.check_public_url`) before every request and
 redirects are never followed. DIDs and CIDs are validated before any URL is built. Bodies are
 read as a stream and abandoned as soon as they pass ``max_bytes``. Each attempt has its own
 timeout and the whole fetch a total one, both as Trio scopes (httpx's own timeouts are set too).
@@ -17,7 +17,7 @@ Errors (``.permanent`` says whether retrying the same blob can help)::
                           (.breaker_open / .retry_at when a breaker refused the last source)
 
 Breakers: one for the CDN (5 failures, 60 s), one per PDS host (3, 300 s, created on first use),
-and the PLC one inside :class:`~phash_trio.identity.PdsResolver`. A 404-like answer is neutral,
+and the PLC one inside :class:`~phash_trio.net.atproto.identity.PdsResolver`. A 404-like answer is neutral,
 5xx/429/timeouts/connection errors are failures.
 """
 
@@ -34,10 +34,9 @@ import httpx
 import trio
 from loguru import logger
 
-from phash_trio import identity
-from phash_trio.breaker import BreakerOpen, CircuitBreaker
 from phash_trio.config import Settings
-from phash_trio.identity import (
+from phash_trio.net.atproto import identity
+from phash_trio.net.atproto.identity import (
     IdentityError,
     PdsResolver,
     ResolutionFailed,
@@ -46,8 +45,9 @@ from phash_trio.identity import (
     is_valid_did,
     read_capped,
 )
-from phash_trio.metrics import Metrics
+from phash_trio.net.breaker import BreakerOpen, CircuitBreaker
 from phash_trio.net.transport import refused_address
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = [
     "BlobError",

@@ -29,9 +29,9 @@ import httpx
 import trio
 from loguru import logger
 
-from phash_trio.breaker import BreakerOpen, CircuitBreaker
 from phash_trio.config import Settings
-from phash_trio.metrics import Metrics
+from phash_trio.net.atproto.syntax import WEB_DID_RE, is_valid_cid, is_valid_did
+from phash_trio.net.breaker import BreakerOpen, CircuitBreaker
 from phash_trio.net.endpoints import (
     BadEndpoint,
     Resolve,
@@ -40,7 +40,7 @@ from phash_trio.net.endpoints import (
     system_resolve,
 )
 from phash_trio.net.transport import refused_address
-from phash_trio.syntax import WEB_DID_RE, is_valid_cid, is_valid_did
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = [
     "DidNotFound",

@@ -38,7 +38,7 @@ from redis.retry import Retry
 
 from phash_trio.image.pdq import PdqHash
 from phash_trio.image.signals import BlobSignals
-from phash_trio.metrics import Metrics
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = [
     "CLAIM_DONE",

@@ -23,10 +23,10 @@ import attrs
 import httpx
 from loguru import logger
 
-from phash_trio.breaker import CircuitBreaker
 from phash_trio.config import Settings
-from phash_trio.events import reason_accepted
-from phash_trio.ozone import OzoneAuthError, OzoneClient, OzoneError, OzoneRejected
+from phash_trio.net.breaker import CircuitBreaker
+from phash_trio.net.ozone.client import OzoneAuthError, OzoneClient, OzoneError, OzoneRejected
+from phash_trio.net.ozone.events import reason_accepted
 from phash_trio.rules.model import Rule
 
 __all__ = [

@@ -42,9 +42,9 @@ import httpx
 import trio
 from loguru import logger
 
-from phash_trio.breaker import BreakerOpen, CircuitBreaker
 from phash_trio.config import Settings
-from phash_trio.metrics import Metrics
+from phash_trio.net.breaker import BreakerOpen, CircuitBreaker
+from phash_trio.runtime.metrics import Metrics
 
 __all__ = [
     "EmitResult",
@@ -648,7 +648,7 @@ class OzoneClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def emit_event(self, body: dict[str, Any]) -> EmitResult:
-        """Send one emitEvent body (see :func:`phash_trio.events.build_event`).
+        """Send one emitEvent body (see :func:`phash_trio.net.ozone.events.build_event`).
 
         ``DuplicateExternalId`` is a success (``duplicate=True``), and so is an answer saying
         the effect already holds (``already_holds=True``). Raises :class:`OzoneUnavailable`,
