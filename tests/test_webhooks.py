@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -17,7 +19,7 @@ from phash_trio.state.recorder import DecisionMetrics
 from phash_trio.state.redisio import RedisThreads
 from phash_trio.testing.redis_server import RedisProcess
 from phash_trio.testing.webhook_receiver import WebhookReceiver
-from phash_trio.webhooks.delivery import DEAD_PREFIX, DeliveryConfig
+from phash_trio.webhooks.delivery import DEAD_PREFIX, FIRST_PREFIX, Deliverer, DeliveryConfig
 from phash_trio.webhooks.manager import WebhookManager
 from phash_trio.webhooks.signing import SignatureError, phash_headers, sign, verify, verify_hma
 from phash_trio.webhooks.subscriptions import (
@@ -171,4 +173,52 @@ async def test_final_refusal_and_exhausted_retries_go_to_dead_letters(
         letters = await threads.call("LRANGE", lambda c: c.lrange(dead_key, 0, -1))
     assert [d for d, _ in rx.received] == [third]
     assert [__import__("json").loads(x)["event"]["id"] for x in letters] == [second, first]
+    nursery.cancel_scope.cancel()
+
+
+async def test_the_retry_window_survives_a_restart(
+    threads: RedisThreads, nursery: trio.Nursery
+) -> None:
+    """The retry window counts from an entry's first attempt, noted in Redis: the instance that
+    takes over after a restart continues that window instead of opening a new one (here it
+    starts an hour later with a one-hour window, so one more failure ends it)."""
+    log = DecisionLog(threads)
+    rx = WebhookReceiver(SECRET)
+    await rx.start(nursery)
+    rx.mode = "fail"
+    sub = Subscription("restarted", rx.url, SECRET)
+    config = DeliveryConfig(
+        retry_max_secs=3600, lease_secs=3, backoff_initial=0.05, backoff_max=0.1,
+        breaker_failures=1000,
+    )  # fmt: skip
+    metrics = DecisionMetrics(CollectorRegistry())
+
+    async def run(deliverer: Deliverer, scope: trio.CancelScope) -> None:
+        with scope:
+            await deliverer.run()
+
+    async with httpx.AsyncClient() as client:
+        before = Deliverer(sub, threads, client, metrics, "before", config)
+        await before.ensure_group()
+        entry = await log.append("match", {"n": 1})
+        stop = trio.CancelScope()
+        nursery.start_soon(run, before, stop)
+        await _wait(lambda: rx.attempts >= 3, "retries before the restart")
+        stop.cancel()
+        noted = await threads.call("HGET", lambda c: c.hget(FIRST_PREFIX + sub.id, entry))
+        assert noted is not None and abs(float(noted) - time.time()) < GUARD
+        assert before.dead == 0
+
+        hour_later = Deliverer(
+            sub, threads, client, metrics, "after", config,
+            wall_now=lambda: time.time() + 3600,
+        )  # fmt: skip
+        tried = rx.attempts
+        nursery.start_soon(run, hour_later, trio.CancelScope())
+        await _wait(lambda: hour_later.dead == 1, "the window closes after the restart")
+        assert rx.attempts == tried + 1
+        left = await threads.call("HLEN", lambda c: c.hlen(FIRST_PREFIX + sub.id))
+        letters = await threads.call("LRANGE", lambda c: c.lrange(DEAD_PREFIX + sub.id, 0, -1))
+    assert left == 0
+    assert [json.loads(x)["event"]["id"] for x in letters] == [entry]
     nursery.cancel_scope.cancel()

@@ -9,8 +9,10 @@ by an instance that died mid-delivery) and delivers those first, oldest first, t
 up on and written to the subscription's dead letters (``webhooks:dead:<id>``).
 
 Failures: 5xx, 408, 429, timeouts and connection errors are retried with exponential backoff
-and full jitter (1 s doubling to 5 min, times 0.5-1) for up to ``retry_max_secs`` (24 h); the
-receiver's breaker (5 failures open it for 30 s) holds attempts while it is open. Any other
+and full jitter (1 s doubling to 5 min, times 0.5-1) for up to ``retry_max_secs`` (24 h) from
+the entry's first attempt. That time is kept in Redis (``webhooks:first:<id>``, a hash of entry
+id -> wall time, the field removed with the XACK), so a restart or another instance taking the
+lease continues the same window instead of opening a new one; the receiver's breaker (5 failures open it for 30 s) holds attempts while it is open. Any other
 4xx is final: dead letter at once. Because one entry is delivered at a time, order per
 subscription holds even across retries; receivers deduplicate by ``X-Phash-Delivery``.
 """
@@ -39,6 +41,8 @@ __all__ = ["DEAD_PREFIX", "Deliverer", "DeliveryConfig", "group_name"]
 
 DEAD_PREFIX = "webhooks:dead:"
 LEASE_PREFIX = "webhooks:lease:"
+#: Hash per subscription: entry id -> wall time of its first delivery attempt.
+FIRST_PREFIX = "webhooks:first:"
 #: Dead letters kept per subscription.
 DEAD_MAX = 10_000
 #: Seconds one XREADGROUP blocks waiting for new entries.
@@ -221,9 +225,33 @@ class Deliverer:
         return await run_in_thread("XREADGROUP", read, blocking)
 
     async def _ack(self, entry_id: str) -> None:
-        await self.redis.call(
-            "XACK", lambda c: c.xack(self.key, self.group, entry_id), abandon=False
-        )
+        first = FIRST_PREFIX + self.sub.id
+
+        def ack(c: Any) -> None:
+            pipe = c.pipeline(transaction=False)
+            pipe.xack(self.key, self.group, entry_id)
+            pipe.hdel(first, entry_id)
+            pipe.execute()
+
+        await self.redis.call("XACK", ack, abandon=False)
+
+    async def _first_attempt(self, entry_id: str) -> float:
+        """Wall time of the entry's first attempt: now, unless an earlier one (this process
+        before a restart, or another instance) already noted it."""
+        first, now = FIRST_PREFIX + self.sub.id, self.wall_now()
+
+        def note(c: Any) -> Any:
+            pipe = c.pipeline(transaction=False)
+            pipe.hsetnx(first, entry_id, repr(now))
+            pipe.hget(first, entry_id)
+            return pipe.execute()[1]
+
+        raw = await self.redis.call("HSETNX", note, abandon=False)
+        try:
+            noted = float(raw)
+        except (TypeError, ValueError):
+            return now
+        return noted if noted <= now else now
 
     async def _handle(self, entry_id: str, fields: Any) -> None:
         decision = decision_from_fields(entry_id, fields)
@@ -239,7 +267,9 @@ class Deliverer:
 
     async def _deliver(self, decision: Decision) -> None:
         """POST until a 2xx, a final refusal, or the retry window closes (dead letter)."""
-        give_up_at = trio.current_time() + self.config.retry_max_secs
+        started = await self._first_attempt(decision.id)
+        spent = self.wall_now() - started
+        give_up_at = trio.current_time() + max(0.0, self.config.retry_max_secs - spent)
         attempt = 0
         while True:
             attempt += 1
