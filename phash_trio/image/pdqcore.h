@@ -16,7 +16,7 @@ typedef struct PdqStream PdqStream;
 void pdq_init(void);
 
 /* The most a stream may allocate: its rows are width floats each, so only an absurdly wide
-   image (~100,000 pixels and more) is refused. */
+   image (over ~120,000-240,000 pixels, by height) is refused. */
 #define PDQ_MAX_STREAM_BYTES ((size_t)64 << 20)
 
 /* What a stream for a width x height image allocates (0 under 5 pixels a side). */
