@@ -196,9 +196,9 @@ def _cmd_dead_letters(args: argparse.Namespace) -> int:
     import trio
 
     from phash_trio.config import Settings
-    from phash_trio.deadletters import dead_letters_command
     from phash_trio.rules.index import RuleIndex
     from phash_trio.runtime.logs import configure_logging
+    from phash_trio.state.deadletters import dead_letters_command
 
     settings, rules = _load_or_exit()
     assert isinstance(settings, Settings) and isinstance(rules, RuleIndex)

@@ -34,9 +34,9 @@ from phash_trio.api.server import ServerLimits
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import Checkpointer, CursorFile, CursorTracker, run_checkpointer
 from phash_trio.firehose.reader import ReaderConfig, ReaderState, run_reader
-from phash_trio.jobs import ImageJob
 from phash_trio.net.ozone.check import check_at_start
-from phash_trio.pipeline import run_worker
+from phash_trio.pipeline.jobs import ImageJob
+from phash_trio.pipeline.processor import run_worker
 from phash_trio.rules.index import RuleIndex
 from phash_trio.runtime.components import open_processor
 from phash_trio.runtime.metrics import Metrics

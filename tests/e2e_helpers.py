@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from phash_trio.firehose.events import MalformedFrame, parse_event
-from phash_trio.jobs import POST_COLLECTION, ImageJob
+from phash_trio.pipeline.jobs import POST_COLLECTION, ImageJob
 from phash_trio.testing.capture import PDS_ONLY_IMAGES, demo_images
 from phash_trio.testing.localnet import LocalNetwork, ServiceProcess, run_local_network
 from phash_trio.testing.redis_server import free_port

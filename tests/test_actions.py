@@ -14,15 +14,6 @@ import redis
 import trio
 import trio.testing
 
-from phash_trio.actions import (
-    CLAIM_TTL_SECS,
-    Actions,
-    ActionsRejected,
-    RateSpacer,
-    claim_key,
-    planned_actions,
-)
-from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.net.breaker import CircuitBreaker
 from phash_trio.net.ozone.client import OzoneClient, OzoneRejected, OzoneUnavailable
 from phash_trio.net.ozone.events import (
@@ -32,6 +23,15 @@ from phash_trio.net.ozone.events import (
     build_event,
     externalid,
 )
+from phash_trio.pipeline.actions import (
+    CLAIM_TTL_SECS,
+    Actions,
+    ActionsRejected,
+    RateSpacer,
+    claim_key,
+    planned_actions,
+)
+from phash_trio.pipeline.jobs import BlobRef, ImageJob
 from phash_trio.rules.index import Match
 from phash_trio.rules.model import Rule
 from phash_trio.runtime.metrics import Metrics

@@ -10,15 +10,15 @@ import httpx
 import pytest
 import trio
 
-from phash_trio.actions import Actions, RateSpacer
 from phash_trio.api.check import blob_cid
 from phash_trio.image.signals import compute_signals
-from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.net.atproto.blobs import BlobFetcher
 from phash_trio.net.atproto.identity import PdsResolver
 from phash_trio.net.breaker import CircuitBreaker
 from phash_trio.net.ozone.client import OzoneClient
 from phash_trio.net.ozone.events import ActionKind, externalid
+from phash_trio.pipeline.actions import Actions, RateSpacer
+from phash_trio.pipeline.jobs import BlobRef, ImageJob
 from phash_trio.rules.banks import BankEntry
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.matcher import BlobMatcher

@@ -16,12 +16,12 @@ import trio
 from test_pipeline import World, label_events
 from test_pipeline import world as world
 
-from phash_trio.jobs import ImageJob
 from phash_trio.net.atproto.blobs import BlobFetcher
 from phash_trio.net.atproto.identity import PdsResolver
 from phash_trio.net.breaker import CircuitBreaker
 from phash_trio.net.ozone.client import OzoneClient
-from phash_trio.pipeline import JobProcessor
+from phash_trio.pipeline.jobs import ImageJob
+from phash_trio.pipeline.processor import JobProcessor
 from phash_trio.state.store import run_health_monitor
 from phash_trio.testing.garbage_http import Garbage, GarbageServer
 from phash_trio.testing.jetstream_replay import fake_did

@@ -18,8 +18,8 @@ import redis
 import trio
 
 from phash_trio.firehose.events import parse_event
-from phash_trio.jobs import BlobRef, ImageJob
-from phash_trio.pipeline import job_to_json
+from phash_trio.pipeline.jobs import BlobRef, ImageJob
+from phash_trio.pipeline.processor import job_to_json
 from phash_trio.state.store import DEAD_LETTER_KEY
 from phash_trio.testing.capture import CaptureBuilder, demo_images, record_cid
 from phash_trio.testing.jetstream_replay import fake_did

@@ -21,9 +21,9 @@ import pytest
 import trio
 from e2e_helpers import GUARD, delivered, finished, harness, host_blobs, jobs_of, total
 
-from phash_trio.actions import claim_key, planned_actions
 from phash_trio.image.meanhash import ImageError, mean_hash
 from phash_trio.net.ozone.events import externalid
+from phash_trio.pipeline.actions import claim_key, planned_actions
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.model import load_rules
 from phash_trio.testing.blobhost import cid_for

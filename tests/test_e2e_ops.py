@@ -24,9 +24,9 @@ import trio
 from e2e_helpers import finished, host_blobs, jobs_of
 from prometheus_client.parser import text_string_to_metric_families
 
-from phash_trio.actions import planned_actions
 from phash_trio.image.meanhash import ImageError, mean_hash
 from phash_trio.net.ozone.events import externalid
+from phash_trio.pipeline.actions import planned_actions
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.model import load_rules
 from phash_trio.testing.blobhost import cid_for

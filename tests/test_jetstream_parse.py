@@ -14,7 +14,7 @@ from phash_trio.firehose.events import (
     is_valid_did,
     parse_event,
 )
-from phash_trio.jobs import BlobRef
+from phash_trio.pipeline.jobs import BlobRef
 from phash_trio.testing.jetstream_replay import (
     fake_cid,
     fake_did,

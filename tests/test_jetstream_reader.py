@@ -17,7 +17,7 @@ from phash_trio.config import Settings
 from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.firehose.reader import ReaderConfig, ReaderConfigError, ReaderState, run_reader
 from phash_trio.firehose.reader import subscribe_url as build_url
-from phash_trio.jobs import ImageJob
+from phash_trio.pipeline.jobs import ImageJob
 from phash_trio.runtime.metrics import Metrics
 from phash_trio.testing.jetstream_replay import (
     CaptureError,

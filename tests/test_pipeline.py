@@ -20,17 +20,17 @@ import redis
 import trio
 import trio.testing
 
-from phash_trio.actions import Actions, RateSpacer
 from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.image.meanhash import mean_hash
 from phash_trio.image.pool import HashPool
 from phash_trio.image.signals import compute_signals
-from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.net.atproto.blobs import BlobFetcher
 from phash_trio.net.atproto.identity import PdsResolver
 from phash_trio.net.breaker import BreakerState, CircuitBreaker
 from phash_trio.net.ozone.client import OzoneClient
-from phash_trio.pipeline import JobProcessor, job_from_json, job_to_json, run_worker
+from phash_trio.pipeline.actions import Actions, RateSpacer
+from phash_trio.pipeline.jobs import BlobRef, ImageJob
+from phash_trio.pipeline.processor import JobProcessor, job_from_json, job_to_json, run_worker
 from phash_trio.rules.banksync import BankMetrics
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.matcher import BlobMatcher

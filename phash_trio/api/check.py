@@ -7,7 +7,7 @@ its guard and breakers). The answer has every hash, every match (a rule's own ha
 bank's entry, with content id and distance) and the decision the rules give.
 
 With ``act=true`` and the post's ``uri`` + ``post_cid``, the decision's Ozone events are filed by
-the firehose path's own :class:`~phash_trio.actions.Actions`: the same Redis claims and the
+the firehose path's own :class:`~phash_trio.pipeline.actions.Actions`: the same Redis claims and the
 same ``externalId``\\ s, so the post is not acted on again when it reaches the firehose (and a
 post the firehose already handled is not acted on twice here). The blob CID in the event is the
 given ``cid``, or the CID the bytes have on the network (CIDv1, raw, sha2-256).
@@ -26,7 +26,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from phash_trio.actions import planned_actions
 from phash_trio.api.auth import ApiError, require_scope
 from phash_trio.api.bridge import IMAGE_FIELDS, hashes_json
 from phash_trio.api.context import ApiContext
@@ -40,7 +39,6 @@ from phash_trio.api.inputs import (
     read_upload,
 )
 from phash_trio.image.signals import BlobSignals
-from phash_trio.jobs import POST_COLLECTION, BlobRef, ImageJob
 from phash_trio.net.atproto.blobs import (
     BlobError,
     BlobNotFound,
@@ -51,6 +49,8 @@ from phash_trio.net.atproto.blobs import (
 )
 from phash_trio.net.atproto.syntax import is_valid_cid, is_valid_did
 from phash_trio.net.ozone.client import OzoneError, OzoneUnavailable
+from phash_trio.pipeline.actions import planned_actions
+from phash_trio.pipeline.jobs import POST_COLLECTION, BlobRef, ImageJob
 from phash_trio.rules.index import Match
 from phash_trio.state.store import StoreError
 

@@ -9,12 +9,12 @@ import attrs
 import redis
 import trio
 
-from phash_trio.actions import Actions
 from phash_trio.api.auth import ApiError
 from phash_trio.api.content import ContentStore
 from phash_trio.api.hashing import HashGate
 from phash_trio.api.inputs import UrlFetcher
 from phash_trio.net.atproto.blobs import BlobFetcher
+from phash_trio.pipeline.actions import Actions
 from phash_trio.rules.bankindex import BankHit, BankIndex
 from phash_trio.rules.banks import BankStore
 from phash_trio.rules.banksync import BankSync

@@ -4,7 +4,7 @@
 address without keys (:class:`~phash_trio.api.auth.ExposureError`, one line, exit 2), and
 serves until cancelled. It reuses the firehose path's pieces when given a
 :class:`~phash_trio.pipeline.JobProcessor`: its hash pool, its blob fetcher (CDN then PDS, with
-the SSRF guard) and its :class:`~phash_trio.actions.Actions` (same claims and externalIds).
+the SSRF guard) and its :class:`~phash_trio.pipeline.actions.Actions` (same claims and externalIds).
 :func:`serve_command` is ``phash-trio serve``: the API, Redis health and the processor's
 pieces, no firehose; SIGTERM/SIGINT stop it.
 """
@@ -30,7 +30,7 @@ from phash_trio.api.service_app import build_api_app
 from phash_trio.api.status import Health
 from phash_trio.config import Settings
 from phash_trio.net.transport import guarded_transport
-from phash_trio.pipeline import JobProcessor
+from phash_trio.pipeline.processor import JobProcessor
 from phash_trio.rules.banks import BankStore
 from phash_trio.rules.banksync import BankMetrics, BankSync
 from phash_trio.rules.index import RuleIndex

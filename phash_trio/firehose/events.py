@@ -29,8 +29,8 @@ from typing import Any
 
 import attrs
 
-from phash_trio.jobs import POST_COLLECTION, BlobRef, ImageJob
 from phash_trio.net.atproto.syntax import is_valid_cid, is_valid_did
+from phash_trio.pipeline.jobs import POST_COLLECTION, BlobRef, ImageJob
 
 __all__ = [
     "EXCERPT_CHARS",

@@ -51,7 +51,7 @@ from phash_trio.firehose.events import (
     ParsedEvent,
     parse_event,
 )
-from phash_trio.jobs import POST_COLLECTION, ImageJob
+from phash_trio.pipeline.jobs import POST_COLLECTION, ImageJob
 from phash_trio.runtime.metrics import Metrics
 
 __all__ = [

@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 
 import httpx
 
-from phash_trio.actions import Actions, RateSpacer
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.image.pool import HashPool
@@ -16,7 +15,8 @@ from phash_trio.net.atproto.identity import PdsResolver
 from phash_trio.net.breaker import CircuitBreaker
 from phash_trio.net.ozone.client import OzoneClient
 from phash_trio.net.transport import guarded_transport
-from phash_trio.pipeline import JobProcessor
+from phash_trio.pipeline.actions import Actions, RateSpacer
+from phash_trio.pipeline.processor import JobProcessor
 from phash_trio.rules.index import RuleIndex
 from phash_trio.rules.matcher import build_matcher
 from phash_trio.runtime.metrics import Metrics

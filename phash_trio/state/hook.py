@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from phash_trio.jobs import BlobRef, ImageJob
+    from phash_trio.pipeline.jobs import BlobRef, ImageJob
     from phash_trio.rules.index import Match
 
 __all__ = ["DecisionHook", "NoDecisions"]

@@ -18,8 +18,8 @@ import trio
 from loguru import logger
 from prometheus_client import CollectorRegistry, Counter
 
-from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.net.atproto.syntax import is_valid_cid, is_valid_did
+from phash_trio.pipeline.jobs import BlobRef, ImageJob
 from phash_trio.rules.index import Match
 from phash_trio.state.decisions import DecisionLog
 from phash_trio.state.store import StoreError, backoff_delays

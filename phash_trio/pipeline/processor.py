@@ -29,14 +29,14 @@ import cattrs
 import trio
 from loguru import logger
 
-from phash_trio.actions import Actions
 from phash_trio.firehose.cursor import CursorTracker
 from phash_trio.image.meanhash import ImageError
 from phash_trio.image.pool import HashPool
 from phash_trio.image.signals import BlobSignals, compute_signals
-from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.net.atproto.blobs import BlobError, BlobFetcher, BlobUnavailable
 from phash_trio.net.ozone.client import OzoneAuthError, OzoneError, OzoneUnavailable
+from phash_trio.pipeline.actions import Actions
+from phash_trio.pipeline.jobs import BlobRef, ImageJob
 from phash_trio.rules.index import Match, RuleIndex
 from phash_trio.rules.matcher import BlobMatcher
 from phash_trio.runtime.metrics import Metrics

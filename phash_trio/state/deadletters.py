@@ -16,7 +16,7 @@ import trio
 
 from phash_trio.config import Settings
 from phash_trio.firehose.cursor import CursorTracker
-from phash_trio.pipeline import job_from_json
+from phash_trio.pipeline.processor import job_from_json
 from phash_trio.rules.index import RuleIndex
 from phash_trio.runtime.components import open_processor
 from phash_trio.runtime.metrics import Metrics

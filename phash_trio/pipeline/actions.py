@@ -30,7 +30,6 @@ import attrs
 import trio
 from loguru import logger
 
-from phash_trio.jobs import BlobRef, ImageJob
 from phash_trio.net.ozone.client import (
     OzoneAuthError,
     OzoneClient,
@@ -39,6 +38,7 @@ from phash_trio.net.ozone.client import (
     OzoneUnavailable,
 )
 from phash_trio.net.ozone.events import ACCOUNT_PERIOD_SECS, REASON_OTHER, ActionKind, build_event
+from phash_trio.pipeline.jobs import BlobRef, ImageJob
 from phash_trio.rules.index import Match
 from phash_trio.runtime.metrics import Metrics
 from phash_trio.state.hook import DecisionHook, NoDecisions
