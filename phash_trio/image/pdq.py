@@ -3,8 +3,8 @@
 The industry's shared hash lists (NCMEC, StopNCII, ThreatExchange) are PDQ. HMA computes it
 with ``pdqhash`` (PyPI, Meta's C++ reference) on ``np.asarray(PIL.Image.open(...))``. Our
 compiled core (``pdqcore.c``) is a streamed port of that C++ giving the same bits for the same
-RGB8 pixels (checked against ``pdqhash`` in the tests), about 10x faster and without holding
-the image as floats. We feed it the pixels of our own decoders (zune-jpeg-exact for JPEG), decoded
+RGB8 pixels (checked against ``pdqhash`` in the tests), 10-17x faster and without holding the
+image as floats. We feed it the pixels of our own decoders (zune-jpeg-exact for JPEG), decoded
 once for both hashes, so a JPEG's PDQ can differ from HMA's by a few bits where libjpeg-turbo's
 pixels differ (see the README).
 
