@@ -282,19 +282,34 @@ class RedisStore:
         # While a monitor is watching an outage, do not pile up calls that would time out.
         return not self.healthy and self._monitors > 0
 
-    async def cache_get(self, cid: str) -> int | None:
-        """The cached hash of ``cid``, or None (a miss, also on any Redis error)."""
+    async def _cache_read(self, key: str) -> str | None:
+        """GET ``key``, failing open: None on a miss, an outage or any Redis error."""
         if self._cache_skipped():
             return None
-        key = f"phash:{cid}"
         try:
             raw = await self._call(f"GET {key}", lambda c: c.get(key))
         except StoreError as exc:
             logger.debug("cache get failed open: {}", exc)
             return None
-        if raw is None:
+        return None if raw is None else str(raw)
+
+    async def _cache_write(self, key: str, value: str, ttl: int) -> None:
+        """SET ``key`` for ``ttl`` seconds, failing open (errors are logged at debug only)."""
+        if ttl < 1:
+            raise ValueError(f"cache ttl must be >= 1 s, got {ttl}")
+        if self._cache_skipped():
+            return
+        try:
+            await self._call(f"SET {key}", lambda c: c.set(key, value, ex=ttl))
+        except StoreError as exc:
+            logger.debug("cache set failed open: {}", exc)
+
+    async def cache_get(self, cid: str) -> int | None:
+        """The cached hash of ``cid``, or None (a miss, also on any Redis error)."""
+        key = f"phash:{cid}"
+        text = await self._cache_read(key)
+        if text is None:
             return None
-        text = str(raw)
         if not _HEX16.fullmatch(text):
             logger.warning("ignoring malformed cached hash {!r} at {}", text[:40], key)
             return None
@@ -304,34 +319,19 @@ class RedisStore:
         """Cache ``phash`` for ``ttl`` seconds as 16 lowercase hex digits; errors are ignored."""
         if not 0 <= phash < 1 << 64:
             raise ValueError(f"phash must be a 64-bit unsigned integer, got {phash}")
-        if ttl < 1:
-            raise ValueError(f"cache ttl must be >= 1 s, got {ttl}")
-        if self._cache_skipped():
-            return
-        key = f"phash:{cid}"
-        value = f"{phash:016x}"
-        try:
-            await self._call(f"SET {key}", lambda c: c.set(key, value, ex=ttl))
-        except StoreError as exc:
-            logger.debug("cache set failed open: {}", exc)
+        await self._cache_write(f"phash:{cid}", f"{phash:016x}", ttl)
 
     async def signals_get(self, cid: str) -> BlobSignals | None:
         """Every cached signal of ``cid`` (mean hash, PDQ, digests), or None (a miss, also on
         any Redis error or a malformed value). Separate from ``phash:{cid}``, whose format
         skywatch-phash-rs shares."""
-        if self._cache_skipped():
-            return None
         key = f"signals:{cid}"
-        try:
-            raw = await self._call(f"GET {key}", lambda c: c.get(key))
-        except StoreError as exc:
-            logger.debug("cache get failed open: {}", exc)
+        text = await self._cache_read(key)
+        if text is None:
             return None
-        if raw is None:
-            return None
-        found = _SIGNALS.fullmatch(str(raw))
+        found = _SIGNALS.fullmatch(text)
         if found is None or int(found[3]) > 100:
-            logger.warning("ignoring malformed cached signals {!r} at {}", str(raw)[:40], key)
+            logger.warning("ignoring malformed cached signals {!r} at {}", text[:40], key)
             return None
         mean, pdq, quality, md5, sha256 = found.groups()
         return BlobSignals(
@@ -345,19 +345,11 @@ class RedisStore:
         """Cache every signal of a blob for ``ttl`` seconds; errors are ignored."""
         if signals.pdq is None or signals.md5 is None or signals.sha256 is None:
             raise ValueError("only complete signals (PDQ and both digests) are cached")
-        if ttl < 1:
-            raise ValueError(f"cache ttl must be >= 1 s, got {ttl}")
-        if self._cache_skipped():
-            return
-        key = f"signals:{cid}"
         value = (
             f"{signals.mean:016x} {signals.pdq.hex} {signals.pdq.quality}"
             f" {signals.md5} {signals.sha256}"
         )
-        try:
-            await self._call(f"SET {key}", lambda c: c.set(key, value, ex=ttl))
-        except StoreError as exc:
-            logger.debug("cache set failed open: {}", exc)
+        await self._cache_write(f"signals:{cid}", value, ttl)
 
     # -- claims -----------------------------------------------------------------------------
 
