@@ -486,6 +486,7 @@ done:
 #define LOOK_MASK ((1 << LOOK) - 1)
 #define SLOW_ENTRY ((LOOK + 1) << LOOK)
 
+/* zig-zag position -> natural (row-major) index in a block */
 static const uint8_t UN_ZIGZAG[64] = {
     0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,
     12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,  7,  14, 21, 28,
@@ -771,13 +772,24 @@ static int bits_next_marker(Bits *b) {
     return -1;
 }
 
+/* What DQT, DHT and DRI segments set: the same for the baseline and progressive decoders. */
 typedef struct {
-    int width, height, count, max_h, max_v;
-    int ident[4], h[4], v[4], tq[4], td[4], ta[4];
     int32_t quant[4][64]; /* natural order */
     int quant_defined[4];
     Huffman dc[4], ac[4];
     int restart_interval;
+} Tables;
+
+/* What the SOF segment says: size, components, their sampling and quantisation tables. */
+typedef struct {
+    int width, height, count, max_h, max_v;
+    int ident[4], h[4], v[4], tq[4];
+} Frame;
+
+typedef struct {
+    Frame f;
+    Tables t;
+    int td[4], ta[4];
     size_t scan_start;
     size_t mcu_cols, mcu_rows;
     size_t plane_rows[4], plane_cols[4];
@@ -789,14 +801,88 @@ static inline int be16(const uint8_t *p) {
     return (p[0] << 8) | p[1];
 }
 
+/* One table segment (DQT, DHT, DRI) into t; PARSE_OUTSIDE if malformed or another segment.
+   whole_dht: a DHT segment must end exactly after its last table (the progressive decoder's
+   rule); otherwise fewer than 17 trailing bytes are ignored, as the baseline port always did. */
+static int parse_tables(Tables *t, int code, const uint8_t *body, size_t size, int whole_dht) {
+    if (code == 0xDB) {
+        size_t k = 0;
+        while (k < size) {
+            int precision = body[k] >> 4, slot = body[k] & 15;
+            size_t need = 1 + (precision ? 128 : 64);
+            if (slot > 3 || k + need > size) {
+                return PARSE_OUTSIDE;
+            }
+            for (int i = 0; i < 64; i++) {
+                t->quant[slot][UN_ZIGZAG[i]] =
+                    precision ? be16(body + k + 1 + 2 * i) : body[k + 1 + i];
+            }
+            t->quant_defined[slot] = 1;
+            k += need;
+        }
+        return PARSE_OK;
+    }
+    if (code == 0xC4) {
+        size_t k = 0;
+        while (k + 17 <= size) {
+            int index = body[k];
+            const uint8_t *counts = body + k + 1;
+            int total = 0;
+            for (int i = 0; i < 16; i++) {
+                total += counts[i];
+            }
+            if (total > 256 || k + 17 + (size_t)total > size || (index & 15) > 3) {
+                return PARSE_OUTSIDE;
+            }
+            int is_dc = !(index & 0x10);
+            Huffman *table = is_dc ? &t->dc[index & 3] : &t->ac[index & 3];
+            if (huffman_build(table, counts, body + k + 17, total, is_dc) != 0) {
+                return PARSE_OUTSIDE;
+            }
+            k += 17 + (size_t)total;
+        }
+        return k == size || !whole_dht ? PARSE_OK : PARSE_OUTSIDE;
+    }
+    if (code == 0xDD) {
+        if (size != 2) {
+            return PARSE_OUTSIDE;
+        }
+        t->restart_interval = be16(body);
+        return PARSE_OK;
+    }
+    return PARSE_OUTSIDE;
+}
+
+/* The SOF segment into f (8-bit samples, 1-4 components, sampling 1-4); PARSE_OUTSIDE if
+   malformed. */
+static int parse_frame(Frame *f, const uint8_t *body, size_t size) {
+    if (size < 6 || body[0] != 8) {
+        return PARSE_OUTSIDE;
+    }
+    f->height = be16(body + 1);
+    f->width = be16(body + 3);
+    f->count = body[5];
+    if (f->count < 1 || f->count > 4 || size != 6 + 3 * (size_t)f->count || f->width == 0
+        || f->height == 0) {
+        return PARSE_OUTSIDE;
+    }
+    f->max_h = f->max_v = 1;
+    for (int c = 0; c < f->count; c++) {
+        f->ident[c] = body[6 + 3 * c];
+        f->h[c] = body[7 + 3 * c] >> 4;
+        f->v[c] = body[7 + 3 * c] & 15;
+        f->tq[c] = body[8 + 3 * c];
+        if (f->h[c] < 1 || f->h[c] > 4 || f->v[c] < 1 || f->v[c] > 4 || f->tq[c] > 3) {
+            return PARSE_OUTSIDE;
+        }
+        f->max_h = f->h[c] > f->max_h ? f->h[c] : f->max_h;
+        f->max_v = f->v[c] > f->max_v ? f->v[c] : f->max_v;
+    }
+    return PARSE_OK;
+}
+
 /* Read the rebuilt stream (SOI, tables, SOF, one SOS, data, EOI; checked by markers.py). */
 static int baseline_parse(Baseline *bl, const uint8_t *d, size_t n) {
-    static const uint8_t ZIGZAG_TO_NATURAL[64] = {
-        0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,
-        12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,  7,  14, 21, 28,
-        35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51,
-        58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
-    };
     size_t at = 2;
     int have_frame = 0;
     if (n < 4 || d[0] != 0xFF || d[1] != 0xD8) {
@@ -814,79 +900,28 @@ static int baseline_parse(Baseline *bl, const uint8_t *d, size_t n) {
         const uint8_t *body = d + at + 4;
         size_t size = length - 2;
         at += 2 + length;
-        if (code == 0xDB) {
-            size_t k = 0;
-            while (k < size) {
-                int precision = body[k] >> 4, slot = body[k] & 15;
-                size_t need = 1 + (precision ? 128 : 64);
-                if (slot > 3 || k + need > size) {
-                    return PARSE_OUTSIDE;
-                }
-                for (int i = 0; i < 64; i++) {
-                    int value = precision ? be16(body + k + 1 + 2 * i) : body[k + 1 + i];
-                    bl->quant[slot][ZIGZAG_TO_NATURAL[i]] = value;
-                }
-                bl->quant_defined[slot] = 1;
-                k += need;
-            }
-        } else if (code == 0xC4) {
-            size_t k = 0;
-            while (k + 17 <= size) {
-                int index = body[k];
-                const uint8_t *counts = body + k + 1;
-                int total = 0;
-                for (int i = 0; i < 16; i++) {
-                    total += counts[i];
-                }
-                if (total > 256 || k + 17 + (size_t)total > size || (index & 15) > 3) {
-                    return PARSE_OUTSIDE;
-                }
-                int is_dc = !(index & 0x10);
-                Huffman *t = is_dc ? &bl->dc[index & 3] : &bl->ac[index & 3];
-                if (huffman_build(t, counts, body + k + 17, total, is_dc) != 0) {
-                    return PARSE_OUTSIDE;
-                }
-                k += 17 + (size_t)total;
-            }
-        } else if (code == 0xDD) {
-            if (size != 2) {
+        if (code == 0xDB || code == 0xC4 || code == 0xDD) {
+            if (parse_tables(&bl->t, code, body, size, 0) != PARSE_OK) {
                 return PARSE_OUTSIDE;
             }
-            bl->restart_interval = be16(body);
         } else if (code == 0xC0 || code == 0xC1) {
-            if (size < 6 || body[0] != 8) {
+            if (parse_frame(&bl->f, body, size) != PARSE_OK) {
                 return PARSE_OUTSIDE;
-            }
-            bl->height = be16(body + 1);
-            bl->width = be16(body + 3);
-            bl->count = body[5];
-            if (bl->count < 1 || bl->count > 4 || size != 6 + 3 * (size_t)bl->count
-                || bl->width == 0 || bl->height == 0) {
-                return PARSE_OUTSIDE;
-            }
-            for (int c = 0; c < bl->count; c++) {
-                bl->ident[c] = body[6 + 3 * c];
-                bl->h[c] = body[7 + 3 * c] >> 4;
-                bl->v[c] = body[7 + 3 * c] & 15;
-                bl->tq[c] = body[8 + 3 * c];
-                if (bl->h[c] < 1 || bl->h[c] > 4 || bl->v[c] < 1 || bl->v[c] > 4 || bl->tq[c] > 3) {
-                    return PARSE_OUTSIDE;
-                }
             }
             have_frame = 1;
         } else if (code == 0xDA) {
-            if (!have_frame || size < 1 || body[0] != bl->count
-                || size != 4 + 2 * (size_t)bl->count) {
+            if (!have_frame || size < 1 || body[0] != bl->f.count
+                || size != 4 + 2 * (size_t)bl->f.count) {
                 return PARSE_OUTSIDE;
             }
-            for (int c = 0; c < bl->count; c++) {
-                if (body[1 + 2 * c] != bl->ident[c]) {
+            for (int c = 0; c < bl->f.count; c++) {
+                if (body[1 + 2 * c] != bl->f.ident[c]) {
                     return PARSE_OUTSIDE;
                 }
                 bl->td[c] = body[2 + 2 * c] >> 4;
                 bl->ta[c] = body[2 + 2 * c] & 15;
-                if (bl->td[c] > 3 || bl->ta[c] > 3 || !bl->dc[bl->td[c]].defined
-                    || !bl->ac[bl->ta[c]].defined || !bl->quant_defined[bl->tq[c]]) {
+                if (bl->td[c] > 3 || bl->ta[c] > 3 || !bl->t.dc[bl->td[c]].defined
+                    || !bl->t.ac[bl->ta[c]].defined || !bl->t.quant_defined[bl->f.tq[c]]) {
                     return PARSE_OUTSIDE;
                 }
             }
@@ -908,22 +943,17 @@ static int baseline_parse(Baseline *bl, const uint8_t *d, size_t n) {
             }
         }
     }
-    bl->max_h = bl->max_v = 1;
-    for (int c = 0; c < bl->count; c++) {
-        bl->max_h = bl->h[c] > bl->max_h ? bl->h[c] : bl->max_h;
-        bl->max_v = bl->v[c] > bl->max_v ? bl->v[c] : bl->max_v;
-    }
-    if (bl->count == 1) {
-        bl->mcu_cols = ((size_t)bl->width + 7) / 8;
-        bl->mcu_rows = ((size_t)bl->height + 7) / 8;
+    if (bl->f.count == 1) {
+        bl->mcu_cols = ((size_t)bl->f.width + 7) / 8;
+        bl->mcu_rows = ((size_t)bl->f.height + 7) / 8;
         bl->plane_cols[0] = bl->mcu_cols * 8;
         bl->plane_rows[0] = bl->mcu_rows * 8;
     } else {
-        bl->mcu_cols = ((size_t)bl->width + 8 * bl->max_h - 1) / (8 * (size_t)bl->max_h);
-        bl->mcu_rows = ((size_t)bl->height + 8 * bl->max_v - 1) / (8 * (size_t)bl->max_v);
-        for (int c = 0; c < bl->count; c++) {
-            bl->plane_cols[c] = bl->mcu_cols * (size_t)bl->h[c] * 8;
-            bl->plane_rows[c] = bl->mcu_rows * (size_t)bl->v[c] * 8;
+        bl->mcu_cols = ((size_t)bl->f.width + 8 * bl->f.max_h - 1) / (8 * (size_t)bl->f.max_h);
+        bl->mcu_rows = ((size_t)bl->f.height + 8 * bl->f.max_v - 1) / (8 * (size_t)bl->f.max_v);
+        for (int c = 0; c < bl->f.count; c++) {
+            bl->plane_cols[c] = bl->mcu_cols * (size_t)bl->f.h[c] * 8;
+            bl->plane_rows[c] = bl->mcu_rows * (size_t)bl->f.v[c] * 8;
         }
     }
     return PARSE_OK;
@@ -946,22 +976,22 @@ static int baseline_run(const Baseline *bl, const uint8_t *d, size_t n, uint8_t 
     for (int i = 0; i < 64; i++) {
         block[i] = 0;
     }
-    int interval = bl->restart_interval;
+    int interval = bl->t.restart_interval;
     int todo = interval;
-    int single = bl->count == 1;
+    int single = bl->f.count == 1;
     for (size_t row = 0; row < bl->mcu_rows; row++) {
         if (b.overread > 0) {
             return RUN_OUTSIDE; /* zune fills the rest with 128 here; libjpeg's view is kept */
         }
         for (size_t col = 0; col < bl->mcu_cols; col++) {
             int index = 0;
-            for (int c = 0; c < bl->count; c++) {
-                int h = single ? 1 : bl->h[c], v = single ? 1 : bl->v[c];
+            for (int c = 0; c < bl->f.count; c++) {
+                int h = single ? 1 : bl->f.h[c], v = single ? 1 : bl->f.v[c];
                 size_t stride = bl->plane_cols[c];
                 for (int y = 0; y < v; y++) {
                     for (int x = 0; x < h; x++, index++) {
-                        if (decode_block(&b, &bl->dc[bl->td[c]], &bl->ac[bl->ta[c]],
-                                         bl->quant[bl->tq[c]], &dc_pred[c], block, &last)
+                        if (decode_block(&b, &bl->t.dc[bl->td[c]], &bl->t.ac[bl->ta[c]],
+                                         bl->t.quant[bl->f.tq[c]], &dc_pred[c], block, &last)
                             != BITS_OK) {
                             stop->row = row;
                             stop->col = col;
@@ -1041,7 +1071,7 @@ static PyObject *decode_baseline(PyObject *self, PyObject *args) {
         goto done;
     }
     size_t needed = 0;
-    for (int c = 0; c < bl->count; c++) {
+    for (int c = 0; c < bl->f.count; c++) {
         needed += bl->plane_rows[c] * bl->plane_cols[c];
     }
     if (needed > (size_t)max_memory) {
@@ -1049,7 +1079,7 @@ static PyObject *decode_baseline(PyObject *self, PyObject *args) {
                      max_memory >> 20);
         goto done;
     }
-    for (int c = 0; c < bl->count; c++) {
+    for (int c = 0; c < bl->f.count; c++) {
         buffers[c] = PyByteArray_FromStringAndSize(
             NULL, (Py_ssize_t)(bl->plane_rows[c] * bl->plane_cols[c]));
         if (buffers[c] == NULL) {
@@ -1062,8 +1092,8 @@ static PyObject *decode_baseline(PyObject *self, PyObject *args) {
     status = baseline_run(bl, data.buf, (size_t)data.len, planes, &stop);
     if (status == RUN_STOPPED) {
         /* rows after the stopping MCU row are never decoded: zero, not stale memory */
-        for (int c = 0; c < bl->count; c++) {
-            size_t v = bl->count == 1 ? 1 : (size_t)bl->v[c];
+        for (int c = 0; c < bl->f.count; c++) {
+            size_t v = bl->f.count == 1 ? 1 : (size_t)bl->f.v[c];
             size_t first = (stop.row + 1) * v * 8;
             if (first < bl->plane_rows[c]) {
                 memset(planes[c] + first * bl->plane_cols[c], 0,
@@ -1080,12 +1110,12 @@ static PyObject *decode_baseline(PyObject *self, PyObject *args) {
         PyErr_SetString(DecodeError, "Exhausted data in the image");
         goto done;
     }
-    PyObject *list = PyList_New(bl->count);
+    PyObject *list = PyList_New(bl->f.count);
     if (list == NULL) {
         goto done;
     }
-    for (int c = 0; c < bl->count; c++) {
-        PyObject *item = Py_BuildValue("(iinnOy#)", bl->h[c], bl->v[c],
+    for (int c = 0; c < bl->f.count; c++) {
+        PyObject *item = Py_BuildValue("(iinnOy#)", bl->f.h[c], bl->f.v[c],
                                        (Py_ssize_t)bl->plane_rows[c],
                                        (Py_ssize_t)bl->plane_cols[c], buffers[c], "", (Py_ssize_t)0);
         if (item == NULL) {
@@ -1095,10 +1125,10 @@ static PyObject *decode_baseline(PyObject *self, PyObject *args) {
         PyList_SET_ITEM(list, c, item);
     }
     if (status == RUN_STOPPED) {
-        result = Py_BuildValue("(iiN(nni))", bl->width, bl->height, list, (Py_ssize_t)stop.row,
+        result = Py_BuildValue("(iiN(nni))", bl->f.width, bl->f.height, list, (Py_ssize_t)stop.row,
                                (Py_ssize_t)stop.col, stop.block);
     } else {
-        result = Py_BuildValue("(iiNO)", bl->width, bl->height, list, Py_None);
+        result = Py_BuildValue("(iiNO)", bl->f.width, bl->f.height, list, Py_None);
     }
 done:
     for (int c = 0; c < 4; c++) {
@@ -1120,12 +1150,8 @@ done:
  * reading of them.
  */
 typedef struct {
-    int width, height, count, max_h, max_v;
-    int ident[4], h[4], v[4], tq[4];
-    int32_t quant[4][64];
-    int quant_defined[4];
-    Huffman dc[4], ac[4];
-    int restart_interval;
+    Frame f;
+    Tables t;
     size_t mcu_cols, mcu_rows;
     size_t coded_cols[4], coded_rows[4]; /* blocks a non-interleaved scan codes */
     size_t grid_cols[4], grid_rows[4];   /* blocks of whole MCUs (>= coded) */
@@ -1133,62 +1159,6 @@ typedef struct {
     size_t after_frame; /* first byte after the SOF segment */
 } Progressive;
 
-static const uint8_t ZIGZAG_NATURAL[64] = {
-    0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,
-    12, 19, 26, 33, 40, 48, 41, 34, 27, 20, 13, 6,  7,  14, 21, 28,
-    35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51,
-    58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
-};
-
-/* One table segment (DQT, DHT, DRI) into the state; PARSE_OUTSIDE if malformed. */
-static int progressive_table(Progressive *pg, int code, const uint8_t *body, size_t size) {
-    if (code == 0xDB) {
-        size_t k = 0;
-        while (k < size) {
-            int precision = body[k] >> 4, slot = body[k] & 15;
-            size_t need = 1 + (precision ? 128 : 64);
-            if (slot > 3 || k + need > size) {
-                return PARSE_OUTSIDE;
-            }
-            for (int i = 0; i < 64; i++) {
-                pg->quant[slot][ZIGZAG_NATURAL[i]] =
-                    precision ? be16(body + k + 1 + 2 * i) : body[k + 1 + i];
-            }
-            pg->quant_defined[slot] = 1;
-            k += need;
-        }
-        return PARSE_OK;
-    }
-    if (code == 0xC4) {
-        size_t k = 0;
-        while (k + 17 <= size) {
-            int index = body[k];
-            const uint8_t *counts = body + k + 1;
-            int total = 0;
-            for (int i = 0; i < 16; i++) {
-                total += counts[i];
-            }
-            if (total > 256 || k + 17 + (size_t)total > size || (index & 15) > 3) {
-                return PARSE_OUTSIDE;
-            }
-            int is_dc = !(index & 0x10);
-            Huffman *t = is_dc ? &pg->dc[index & 3] : &pg->ac[index & 3];
-            if (huffman_build(t, counts, body + k + 17, total, is_dc) != 0) {
-                return PARSE_OUTSIDE;
-            }
-            k += 17 + (size_t)total;
-        }
-        return k == size ? PARSE_OK : PARSE_OUTSIDE;
-    }
-    if (code == 0xDD) {
-        if (size != 2) {
-            return PARSE_OUTSIDE;
-        }
-        pg->restart_interval = be16(body);
-        return PARSE_OK;
-    }
-    return PARSE_OUTSIDE;
-}
 
 /* Segments up to and including SOF2; geometry. */
 static int progressive_parse(Progressive *pg, const uint8_t *d, size_t n) {
@@ -1209,55 +1179,33 @@ static int progressive_parse(Progressive *pg, const uint8_t *d, size_t n) {
         size_t size = length - 2;
         at += 2 + length;
         if (code == 0xC2) {
-            if (size < 6 || body[0] != 8) {
+            if (parse_frame(&pg->f, body, size) != PARSE_OK) {
                 return PARSE_OUTSIDE;
-            }
-            pg->height = be16(body + 1);
-            pg->width = be16(body + 3);
-            pg->count = body[5];
-            if (pg->count < 1 || pg->count > 4 || size != 6 + 3 * (size_t)pg->count
-                || pg->width == 0 || pg->height == 0) {
-                return PARSE_OUTSIDE;
-            }
-            for (int c = 0; c < pg->count; c++) {
-                pg->ident[c] = body[6 + 3 * c];
-                pg->h[c] = body[7 + 3 * c] >> 4;
-                pg->v[c] = body[7 + 3 * c] & 15;
-                pg->tq[c] = body[8 + 3 * c];
-                if (pg->h[c] < 1 || pg->h[c] > 4 || pg->v[c] < 1 || pg->v[c] > 4
-                    || pg->tq[c] > 3) {
-                    return PARSE_OUTSIDE;
-                }
             }
             pg->after_frame = at;
             break;
         }
-        if (progressive_table(pg, code, body, size) != PARSE_OK) {
+        if (parse_tables(&pg->t, code, body, size, 1) != PARSE_OK) {
             return PARSE_OUTSIDE;
         }
     }
-    pg->max_h = pg->max_v = 1;
-    for (int c = 0; c < pg->count; c++) {
-        pg->max_h = pg->h[c] > pg->max_h ? pg->h[c] : pg->max_h;
-        pg->max_v = pg->v[c] > pg->max_v ? pg->v[c] : pg->max_v;
-    }
-    size_t w = (size_t)pg->width, hh = (size_t)pg->height;
-    if (pg->count == 1) {
+    size_t w = (size_t)pg->f.width, hh = (size_t)pg->f.height;
+    if (pg->f.count == 1) {
         pg->mcu_cols = (w + 7) / 8;
         pg->mcu_rows = (hh + 7) / 8;
         pg->coded_cols[0] = pg->grid_cols[0] = pg->mcu_cols;
         pg->coded_rows[0] = pg->grid_rows[0] = pg->mcu_rows;
     } else {
-        pg->mcu_cols = (w + 8 * pg->max_h - 1) / (8 * (size_t)pg->max_h);
-        pg->mcu_rows = (hh + 8 * pg->max_v - 1) / (8 * (size_t)pg->max_v);
-        for (int c = 0; c < pg->count; c++) {
-            pg->coded_cols[c] = (w * pg->h[c] + 8 * pg->max_h - 1) / (8 * (size_t)pg->max_h);
-            pg->coded_rows[c] = (hh * pg->v[c] + 8 * pg->max_v - 1) / (8 * (size_t)pg->max_v);
-            pg->grid_cols[c] = pg->mcu_cols * pg->h[c];
-            pg->grid_rows[c] = pg->mcu_rows * pg->v[c];
+        pg->mcu_cols = (w + 8 * pg->f.max_h - 1) / (8 * (size_t)pg->f.max_h);
+        pg->mcu_rows = (hh + 8 * pg->f.max_v - 1) / (8 * (size_t)pg->f.max_v);
+        for (int c = 0; c < pg->f.count; c++) {
+            pg->coded_cols[c] = (w * pg->f.h[c] + 8 * pg->f.max_h - 1) / (8 * (size_t)pg->f.max_h);
+            pg->coded_rows[c] = (hh * pg->f.v[c] + 8 * pg->f.max_v - 1) / (8 * (size_t)pg->f.max_v);
+            pg->grid_cols[c] = pg->mcu_cols * pg->f.h[c];
+            pg->grid_rows[c] = pg->mcu_rows * pg->f.v[c];
         }
     }
-    for (int c = 0; c < pg->count; c++) {
+    for (int c = 0; c < pg->f.count; c++) {
         pg->plane_cols[c] = pg->grid_cols[c] * 8;
         pg->plane_rows[c] = pg->grid_rows[c] * 8;
     }
@@ -1295,7 +1243,7 @@ static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int 
                       int32_t *dc_pred) {
     if (sh->ss == 0) {
         if (sh->ah == 0) {
-            int s = prog_symbol(b, &pg->dc[sh->td[k_index]]);
+            int s = prog_symbol(b, &pg->t.dc[sh->td[k_index]]);
             if (s < 0 || s > 15) {
                 return BITS_STOP;
             }
@@ -1316,7 +1264,7 @@ static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int 
         }
         return BITS_OK;
     }
-    const Huffman *ac = &pg->ac[sh->ta[k_index]];
+    const Huffman *ac = &pg->t.ac[sh->ta[k_index]];
     if (sh->ah == 0) {
         if (*eobrun > 0) {
             (*eobrun)--;
@@ -1335,7 +1283,7 @@ static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int 
                     return BITS_STOP;
                 }
                 int16_t stored = (int16_t)(int32_t)((uint32_t)huff_extend(value, s) << sh->al);
-                coef[ZIGZAG_NATURAL[k]] = stored;
+                coef[UN_ZIGZAG[k]] = stored;
                 *nonzero |= (uint64_t)(stored != 0) << k;
             } else if (r == 15) {
                 k += 15;
@@ -1379,7 +1327,7 @@ static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int 
                 break;
             }
             do {
-                int16_t *c = coef + ZIGZAG_NATURAL[k];
+                int16_t *c = coef + UN_ZIGZAG[k];
                 if ((*nonzero >> k) & 1) { /* the mask, not *c: no load for zeros */
                     int32_t bit = bits_get(b, 1);
                     if (bit < 0) {
@@ -1397,7 +1345,7 @@ static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int 
                 if (k > 63) {
                     return BITS_STOP;
                 }
-                coef[ZIGZAG_NATURAL[k]] = value;
+                coef[UN_ZIGZAG[k]] = value;
                 *nonzero |= 1ull << k;
             }
         }
@@ -1411,7 +1359,7 @@ static int prog_block(Bits *b, const Progressive *pg, const ScanHeader *sh, int 
             while (todo) {
                 int at = __builtin_ctzll(todo);
                 todo &= todo - 1;
-                int16_t *c = coef + ZIGZAG_NATURAL[at];
+                int16_t *c = coef + UN_ZIGZAG[at];
                 int32_t bit = bits_get(b, 1);
                 if (bit < 0) {
                     return BITS_STOP;
@@ -1450,7 +1398,7 @@ static int progressive_run(Progressive *pg, const uint8_t *d, size_t n, int16_t 
         size_t size = length - 2;
         at += 2 + length;
         if (code != 0xDA) {
-            if (progressive_table(pg, code, body, size) != PARSE_OK) {
+            if (parse_tables(&pg->t, code, body, size, 1) != PARSE_OK) {
                 return RUN_OUTSIDE;
             }
             continue;
@@ -1463,8 +1411,8 @@ static int progressive_run(Progressive *pg, const uint8_t *d, size_t n, int16_t 
         int last = -1;
         for (int i = 0; i < sh.comps; i++) {
             int found = -1;
-            for (int c = 0; c < pg->count; c++) {
-                found = pg->ident[c] == body[1 + 2 * i] ? c : found;
+            for (int c = 0; c < pg->f.count; c++) {
+                found = pg->f.ident[c] == body[1 + 2 * i] ? c : found;
             }
             if (found <= last) {
                 return RUN_OUTSIDE; /* unknown, repeated or out of frame order */
@@ -1484,15 +1432,15 @@ static int progressive_run(Progressive *pg, const uint8_t *d, size_t n, int16_t 
         }
         for (int i = 0; i < sh.comps; i++) {
             if (sh.td[i] > 3 || sh.ta[i] > 3
-                || (sh.ss == 0 && sh.ah == 0 && !pg->dc[sh.td[i]].defined)
-                || (sh.ss > 0 && !pg->ac[sh.ta[i]].defined)) {
+                || (sh.ss == 0 && sh.ah == 0 && !pg->t.dc[sh.td[i]].defined)
+                || (sh.ss > 0 && !pg->t.ac[sh.ta[i]].defined)) {
                 return RUN_OUTSIDE;
             }
         }
         Bits b = {.data = d, .size = n, .pos = at, .marker = -1};
         int32_t dc_pred[4] = {0, 0, 0, 0};
         int32_t eobrun = 0;
-        int interval = pg->restart_interval, todo = interval;
+        int interval = pg->t.restart_interval, todo = interval;
         int interleaved = sh.comps > 1;
         size_t rows, cols;
         if (interleaved) {
@@ -1507,9 +1455,9 @@ static int progressive_run(Progressive *pg, const uint8_t *d, size_t n, int16_t 
                 if (interleaved) {
                     for (int i = 0; i < sh.comps; i++) {
                         int c = sh.ci[i];
-                        for (int y = 0; y < pg->v[c]; y++) {
-                            for (int x = 0; x < pg->h[c]; x++) {
-                                size_t by = row * pg->v[c] + y, bx = col * pg->h[c] + x;
+                        for (int y = 0; y < pg->f.v[c]; y++) {
+                            for (int x = 0; x < pg->f.h[c]; x++) {
+                                size_t by = row * pg->f.v[c] + y, bx = col * pg->f.h[c] + x;
                                 size_t at_block = by * pg->grid_cols[c] + bx;
                                 if (prog_block(&b, pg, &sh, i, coefs[c] + at_block * 64,
                                                dcs[c] + at_block, masks[c] + at_block, &eobrun,
@@ -1593,7 +1541,7 @@ static PyObject *decode_progressive(PyObject *self, PyObject *args) {
         goto done;
     }
     size_t needed = 0;
-    for (int c = 0; c < pg->count; c++) {
+    for (int c = 0; c < pg->f.count; c++) {
         size_t samples = pg->plane_rows[c] * pg->plane_cols[c];
         needed += samples * 3 + samples / 64 * 10; /* plane, int16 coefficients, mask + DC */
     }
@@ -1602,7 +1550,7 @@ static PyObject *decode_progressive(PyObject *self, PyObject *args) {
                      max_memory >> 20);
         goto done;
     }
-    for (int c = 0; c < pg->count; c++) {
+    for (int c = 0; c < pg->f.count; c++) {
         size_t samples = pg->plane_rows[c] * pg->plane_cols[c];
         buffers[c] = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)samples);
         coefs[c] = PyMem_RawCalloc(samples, sizeof(int16_t));
@@ -1619,8 +1567,8 @@ static PyObject *decode_progressive(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     status = progressive_run(pg, data.buf, (size_t)data.len, coefs, dcs, masks);
     if (status == RUN_DONE) {
-        for (int c = 0; c < pg->count; c++) {
-            const int32_t *q = pg->quant[pg->tq[c]];
+        for (int c = 0; c < pg->f.count; c++) {
+            const int32_t *q = pg->t.quant[pg->f.tq[c]];
             for (size_t by = 0; by < pg->grid_rows[c]; by++) {
                 for (size_t bx = 0; bx < pg->grid_cols[c]; bx++) {
                     size_t at_block = by * pg->grid_cols[c] + bx;
@@ -1637,22 +1585,22 @@ static PyObject *decode_progressive(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
-    if (status != RUN_DONE || !pg->quant_defined[pg->tq[0]]) {
+    if (status != RUN_DONE || !pg->t.quant_defined[pg->f.tq[0]]) {
         result = Py_NewRef(Py_None);
         goto done;
     }
-    for (int c = 0; c < pg->count; c++) {
-        if (!pg->quant_defined[pg->tq[c]]) {
+    for (int c = 0; c < pg->f.count; c++) {
+        if (!pg->t.quant_defined[pg->f.tq[c]]) {
             result = Py_NewRef(Py_None);
             goto done;
         }
     }
-    PyObject *list = PyList_New(pg->count);
+    PyObject *list = PyList_New(pg->f.count);
     if (list == NULL) {
         goto done;
     }
-    for (int c = 0; c < pg->count; c++) {
-        PyObject *item = Py_BuildValue("(iinnOy#)", pg->h[c], pg->v[c],
+    for (int c = 0; c < pg->f.count; c++) {
+        PyObject *item = Py_BuildValue("(iinnOy#)", pg->f.h[c], pg->f.v[c],
                                        (Py_ssize_t)pg->plane_rows[c],
                                        (Py_ssize_t)pg->plane_cols[c], buffers[c], "",
                                        (Py_ssize_t)0);
@@ -1662,7 +1610,7 @@ static PyObject *decode_progressive(PyObject *self, PyObject *args) {
         }
         PyList_SET_ITEM(list, c, item);
     }
-    result = Py_BuildValue("(iiNO)", pg->width, pg->height, list, Py_None);
+    result = Py_BuildValue("(iiNO)", pg->f.width, pg->f.height, list, Py_None);
 done:
     for (int c = 0; c < 4; c++) {
         Py_XDECREF(buffers[c]);
